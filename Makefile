@@ -1,0 +1,30 @@
+# Quick start: `make zoo` (install, then train/evaluate/card every method into zoo/) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch that the pyproject range admits; a newer or unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install zoo test bench clean
+
+$(BIN)/hfpapers: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/hfpapers
+
+install: $(BIN)/hfpapers
+
+zoo: install
+	$(BIN)/hfpapers zoo build
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python evaluation/benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) zoo

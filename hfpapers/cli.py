@@ -1,0 +1,207 @@
+"""The `hfpapers` command: list | info | train | eval | card | push | pull | hub serve | zoo build.
+
+Errors print one line on stderr and exit with status 1 (2 for bad usage, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_value(text: str):
+    """`--set` values: JSON when they parse as JSON (numbers, booleans, lists), else the plain string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        out[key.replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def cmd_list(args) -> None:
+    from . import list_methods
+
+    rows = [(r.slug, r.task, r.status, ", ".join(r.presets), r.title) for r in list_methods()]
+    if args.json:
+        print(json.dumps([r.summary() for r in list_methods()], indent=2))
+        return
+    header = ("method", "task", "status", "presets", "paper")
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+
+
+def cmd_info(args) -> None:
+    from . import get_method
+
+    record = get_method(args.method)
+    print(json.dumps({**record.summary(), "authors": record.authors, "arxiv_url": record.arxiv_url,
+                      "presets": {k: dict(v) for k, v in record.presets.items()},
+                      "paper_results": dict(record.paper_results), "bibtex": record.bibtex}, indent=2))
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", help="method slug, see `hfpapers list`")
+    parser.add_argument("--preset", help="model size (default: the method's default preset)")
+    parser.add_argument("--output-dir", required=True, help="where checkpoints, metrics, weights and card go")
+    parser.add_argument("--dataset", help="embedded dataset name, Hub dataset id or local folder "
+                                          "(default: the method's embedded dataset)")
+    parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of an embedded dataset, e.g. resolution=32 (repeatable)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--epochs", type=int, dest="num_epochs")
+    parser.add_argument("--batch-size", type=int, dest="per_device_train_batch_size", help="per process")
+    parser.add_argument("--lr", type=float, dest="learning_rate")
+    parser.add_argument("--gradient-accumulation-steps", type=int)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--checkpoint-every-steps", type=int)
+    parser.add_argument("--resume", nargs="?", const="latest", dest="resume_from",
+                        help="continue from a checkpoint folder, or the latest one in --output-dir")
+    parser.add_argument("--no-progress", action="store_false", dest="progress_bar", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any training argument or recipe field, e.g. label_smoothing=0.1 (repeatable)")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. num_blocks=4 (repeatable)")
+
+
+def cmd_train(args) -> None:
+    from .engine import train
+
+    settings = {k: getattr(args, k) for k in ("num_epochs", "per_device_train_batch_size", "learning_rate",
+                                              "gradient_accumulation_steps", "mixed_precision", "seed",
+                                              "checkpoint_every_steps", "resume_from", "progress_bar")
+                if getattr(args, k) is not None}
+    settings.update(_key_values(args.set, "--set"))
+    dataset_kwargs = _key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None
+    result = train(args.method, args.output_dir, preset=args.preset, dataset=args.dataset,
+                   dataset_kwargs=dataset_kwargs, image_column=args.image_column, label_column=args.label_column,
+                   config_overrides=_key_values(args.config, "--config"), **settings)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps({"output_dir": args.output_dir, "eval": result.eval_metrics,
+                          "train_seconds": round(result.train_seconds, 2)}))
+
+
+def cmd_eval(args) -> None:
+    from .engine import evaluate_folder
+
+    print(json.dumps(evaluate_folder(args.folder, dataset=args.dataset), indent=2))
+
+
+def cmd_card(args) -> None:
+    from .cards import write_card
+
+    print(write_card(args.folder, repo_id=args.repo_id))
+
+
+def cmd_push(args) -> None:
+    from .cards import build_card
+    from .engine import RUN_FILE
+    from .hub import push
+
+    # A folder trained here gets a card that names the repo it is pushed to.
+    card = str(build_card(args.folder, repo_id=args.repo_id)) if Path(args.folder, RUN_FILE).exists() else None
+    print(push(args.folder, args.repo_id, private=args.private, card=card))
+
+
+def cmd_pull(args) -> None:
+    from .hub import pull
+
+    print(pull(args.repo_id, local_dir=args.local_dir, revision=args.revision))
+
+
+def cmd_hub_serve(args) -> None:
+    from .testing.localhub import serve
+
+    serve(args.data_dir, host=args.host, port=args.port)
+
+
+def cmd_zoo_build(args) -> None:
+    from .zoo import build_zoo
+
+    build_zoo(args.output_dir, methods=args.method or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfpapers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="the registered methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="one method's record")
+    p.add_argument("method")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a method with the shared Accelerate engine")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained folder on its dataset's test split")
+    p.add_argument("folder")
+    p.add_argument("--dataset", help="another dataset with the same labels (default: the one it trained on)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="(re)write a trained folder's model card")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", help="the repo the card will live in (used in its loading snippet)")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("push", help="publish a saved folder to the Hub at HF_ENDPOINT")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="download a repo from the Hub at HF_ENDPOINT")
+    p.add_argument("repo_id")
+    p.add_argument("--local-dir", help="download here instead of the Hugging Face cache")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_pull)
+
+    hub = sub.add_parser("hub", help="a local Hub server").add_subparsers(dest="hub_command", required=True)
+    p = hub.add_parser("serve", help="serve the Hub protocol on 127.0.0.1 from a data directory")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--data-dir", default="hub-data", help="where repos are stored (kept between restarts)")
+    p.set_defaults(func=cmd_hub_serve)
+
+    zoo = sub.add_parser("zoo", help="the model zoo").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("build", help="train, evaluate, card and package every method's default preset")
+    p.add_argument("--output-dir", default="zoo")
+    p.add_argument("--method", action="append", help="only these methods (repeatable)")
+    p.set_defaults(func=cmd_zoo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (KeyError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"hfpapers {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The bottleneck MLP (B-MLP) of "Scaling MLPs: A Tale of Inductive Bias" (Bachmann et al., arXiv 2306.13575).
+
+An image is flattened in (channels, height, width) order and processed by a stack of pre-norm inverted-bottleneck
+blocks. Module and parameter names follow the official code (`linear_in`, `blocks.i.block.{0,2}`, `layernorms.i`,
+`linear_out`), so official checkpoints map onto ours by prefixing the body with `mlp.`.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from .configuration_scaling_mlp import ScalingMLPConfig
+
+
+class BottleneckBlock(nn.Module):
+    """Inverted bottleneck `fc2(act(fc1(x)))`: hidden_size -> expansion_factor * hidden_size -> hidden_size."""
+
+    def __init__(self, config: ScalingMLPConfig):
+        super().__init__()
+        wide = config.expansion_factor * config.hidden_size
+        # A Sequential so the keys are the official `block.0` (thin -> wide) and `block.2` (wide -> thin).
+        self.block = nn.Sequential(
+            nn.Linear(config.hidden_size, wide), ACT2FN[config.hidden_act], nn.Linear(wide, config.hidden_size)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden_states)
+
+
+def _make_norm(config: ScalingMLPConfig) -> nn.Module:
+    if config.norm_type == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+    if config.norm_type == "batch":
+        return nn.BatchNorm1d(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.Identity()
+
+
+class ScalingMLPPreTrainedModel(PreTrainedModel):
+    config_class = ScalingMLPConfig
+    base_model_prefix = "mlp"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["BottleneckBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and self.config.initializer_range is None:
+            # PyTorch's own nn.Linear initialisation, which the official code trains from.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.num_channels, c.image_size, c.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {c.num_channels}, {c.image_size}, {c.image_size}) for this "
+                f"model, got {tuple(pixel_values.shape)}; resize images with the model's image processor"
+            )
+
+
+class ScalingMLPModel(ScalingMLPPreTrainedModel):
+    """`linear_in` and the residual blocks; returns the residual stream of shape (batch, hidden_size)."""
+
+    def __init__(self, config: ScalingMLPConfig):
+        super().__init__(config)
+        self.linear_in = nn.Linear(config.input_dim, config.hidden_size)
+        self.blocks = nn.ModuleList(BottleneckBlock(config) for _ in range(config.num_blocks))
+        self.layernorms = nn.ModuleList(_make_norm(config) for _ in range(config.num_blocks))
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """pixel_values: (batch, num_channels, image_size, image_size), normalised by the image processor."""
+        self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden = self.linear_in(pixel_values.flatten(1))
+        all_hidden = (hidden,) if output_hidden_states else None
+        for norm, block in zip(self.layernorms, self.blocks):
+            hidden = hidden + block(norm(hidden))  # pre-norm residual; no norm after the last block
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        if not return_dict:
+            return tuple(v for v in (hidden, hidden, all_hidden) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=hidden, hidden_states=all_hidden)
+
+
+class ScalingMLPForImageClassification(ScalingMLPPreTrainedModel):
+    """B-MLP with the classifier `linear_out` (the official head, applied to the un-normalised stream)."""
+
+    def __init__(self, config: ScalingMLPConfig):
+        super().__init__(config)
+        self.mlp = ScalingMLPModel(config)
+        self.linear_out = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """labels: (batch,) class indices, or (batch, num_labels) class probabilities (mixup / label smoothing)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.mlp(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.linear_out(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            if labels.dim() == 2 and labels.shape != logits.shape:
+                raise ValueError(f"soft labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+            loss = nn.functional.cross_entropy(logits, labels)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = ["ScalingMLPModel", "ScalingMLPForImageClassification", "ScalingMLPPreTrainedModel", "BottleneckBlock"]

@@ -1,0 +1,121 @@
+"""The training recipe of Scaling MLPs (paper §4 and the official train.py / finetune.py).
+
+Pre-training: LION at a constant learning rate 5e-5, no weight decay, label smoothing 0.3, mixup with
+lambda ~ Beta(0.8, 0.8) drawn once per batch and each image mixed with its neighbour in the batch, random
+resized crops (scale 0.08-1, ratio 3/4-4/3) and horizontal flips; batch 16,384 in the paper's runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...engine import ImageClassificationRecipe
+
+
+class Lion(torch.optim.Optimizer):
+    """LION (Chen et al., 2023), the paper's optimiser: sign of an interpolated momentum, decoupled decay.
+
+    p <- p * (1 - lr * wd);  p <- p - lr * sign(beta1 * m + (1 - beta1) * g);  m <- beta2 * m + (1 - beta2) * g
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(momentum.lerp(p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
+                momentum.lerp_(p.grad, 1 - beta2)
+        return loss
+
+
+def random_resized_crop(images: torch.Tensor, scale, ratio, generator: torch.Generator) -> torch.Tensor:
+    """Per image: a crop of random area fraction `scale` and aspect `ratio`, resized back to the input size.
+
+    images: (batch, channels, height, width). Done as one batched bilinear resampling (an affine grid per
+    image); a crop that would not fit inside the image is clamped to it.
+    """
+    batch, _, height, width = images.shape
+    area = torch.empty(batch).uniform_(*scale, generator=generator)  # fraction of the image
+    aspect = torch.empty(batch).uniform_(*torch.tensor(ratio).log().tolist(), generator=generator).exp()
+    frac_w = (area * aspect * height / width).sqrt().clamp(max=1.0)  # crop width / image width
+    frac_h = (area / aspect * width / height).sqrt().clamp(max=1.0)
+    # Crop centres in [-1, 1] grid coordinates, drawn so the crop stays inside the image.
+    centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - frac_w)
+    centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - frac_h)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = frac_w, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = frac_h, centre_y
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@dataclass
+class ScalingMLPRecipe(ImageClassificationRecipe):
+    label_smoothing: float = 0.3
+    mixup_alpha: float = 0.8  # 0 turns mixup off (the fine-tuning setting)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    horizontal_flip: bool = True
+    optimizer: str = "lion"  # lion (pre-training) | sgd (fine-tuning, momentum 0.9) | adamw
+    betas: tuple[float, float] = (0.9, 0.99)
+
+    # The paper's pre-training arguments; `preset_defaults` scales them down for the CPU-sized preset.
+    defaults = {"learning_rate": 5e-5, "weight_decay": 0.0, "lr_scheduler": "constant",
+                "per_device_train_batch_size": 16384, "num_epochs": 800}
+    preset_defaults = {"tiny": {"learning_rate": 3e-4, "per_device_train_batch_size": 64, "num_epochs": 20,
+                                "lr_scheduler": "cosine", "warmup_steps": 20, "crop_scale": (0.35, 1.0)}}
+    metric = "accuracy"
+
+    def build_optimizer(self, model, args):
+        if self.optimizer == "lion":
+            return Lion(model.parameters(), lr=args.learning_rate, betas=self.betas, weight_decay=args.weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
+                                   weight_decay=args.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        raise ValueError(f"optimizer must be lion, sgd or adamw; got {self.optimizer!r}")
+
+    def augment(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = random_resized_crop(pixel_values, self.crop_scale, self.crop_ratio, generator)
+        if self.horizontal_flip:
+            flip = torch.rand(len(images), generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
+
+    def compute_loss(self, model, batch, step_rng):
+        images, labels = self.augment(batch["pixel_values"], step_rng), batch["labels"]
+        if self.mixup_alpha <= 0:
+            logits = model(pixel_values=images).logits
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        # Official mixup: one lambda per batch, each image blended with the previous one in the batch.
+        lam = float(_numpy_rng(step_rng).beta(self.mixup_alpha, self.mixup_alpha))
+        mixed = lam * images + (1 - lam) * images.roll(1, dims=0)
+        logits = model(pixel_values=mixed).logits
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        ce_neighbour = F.cross_entropy(logits, labels.roll(1, dims=0), label_smoothing=self.label_smoothing)
+        return lam * ce + (1 - lam) * ce_neighbour
+
+
+def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    # torch has no seeded Beta sampler; derive a numpy generator from the step's torch generator.
+    return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
