@@ -150,6 +150,9 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        # On a machine without an accelerator, `cpu=True` is what lets `accelerate launch` processes form a
+        # gloo group (MULTI_CPU); without it each would train alone.
+        cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         # A seeded sampler makes each epoch's order a function of (seed, epoch): resume replays it exactly.
@@ -415,14 +418,14 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
     import transformers
 
     model = getattr(transformers, TASK_AUTO_CLASS[record.task]).from_pretrained(folder)
-    processor = transformers.AutoImageProcessor.from_pretrained(folder) if record.image_processor_class else None
+    processor = transformers.AutoImageProcessor.from_pretrained(folder) if record.image_processor else None
     recipe = record.load(record.recipe)()
     test = data.load(dataset, image_column=run.get("image_column", "image"),
                      label_column=run.get("label_column", "label"), **dataset_kwargs)["test"]
     names = test.features["label"].names
     if names != [model.config.id2label[i] for i in range(len(model.config.id2label))]:
         raise ValueError(f"the dataset's labels {names} differ from the model's {list(model.config.id2label.values())}")
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     eval_dl = torch.utils.data.DataLoader(recipe.prepare_dataset(test, processor), collate_fn=recipe.collate,
                                           batch_size=256)
     model, eval_dl = accelerator.prepare(model, eval_dl)

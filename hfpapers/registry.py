@@ -43,7 +43,7 @@ class MethodRecord:
     weights_license: str  # license of the official weights
     bibtex: str
     time_budget_s: int  # wall-clock budget of the default preset in `hfpapers zoo build`
-    image_processor_class: str | None = None
+    image_processor: str | None = None  # dotted path of a function config -> image processor
     status: str = "complete"
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
 
@@ -143,9 +143,9 @@ def create_model(slug: str, preset: str | None = None, *, head: str | None = Non
 def create_image_processor(slug: str, config):
     """The method's image processor, sized for `config` (None for methods without one)."""
     record = get_method(slug)
-    if record.image_processor_class is None:
+    if record.image_processor is None:
         return None
-    return record.load(record.image_processor_class).for_config(config)
+    return record.load(record.image_processor)(config)
 
 
 # The Auto class whose head serves each pipeline task.
@@ -181,12 +181,6 @@ def register_with_transformers() -> None:
                 model_class = record.load(dotted)
                 getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
                 model_class.register_for_auto_class(auto_name)
-            if record.image_processor_class:
-                processor_class = record.load(record.image_processor_class)
-                transformers.AutoImageProcessor.register(
-                    config_class, slow_image_processor_class=processor_class, exist_ok=True
-                )
-                processor_class.register_for_auto_class()
 
 
 # Modules of transformers whose import means "the Auto machinery is about to be used".

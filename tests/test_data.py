@@ -1,0 +1,69 @@
+"""Embedded datasets are deterministic and balanced; local folders load with column mapping."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hfpapers.data import load
+from hfpapers.data.images import SHAPE_KINDS
+
+
+def pixels(dataset):
+    return np.stack([np.asarray(image) for image in dataset["image"]])
+
+
+def test_shapes_are_deterministic_balanced_and_sized():
+    a = load("shapes", resolution=12, num_train=40, num_test=10, num_classes=4, seed=3)
+    b = load("shapes", resolution=12, num_train=40, num_test=10, num_classes=4, seed=3)
+    assert np.array_equal(pixels(a["train"]), pixels(b["train"]))
+    assert not np.array_equal(pixels(a["train"]), pixels(load("shapes", resolution=12, num_train=40, num_test=10,
+                                                               num_classes=4, seed=4)["train"]))
+    assert a["train"].features["label"].names == list(SHAPE_KINDS[:4])
+    assert Counter(a["train"]["label"]) == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert a["train"][0]["image"].size == (12, 12) and a["train"][0]["image"].mode == "RGB"
+    # A sample does not depend on how many were asked for.
+    longer = load("shapes", resolution=12, num_train=50, num_test=10, num_classes=4, seed=3)
+    assert np.array_equal(pixels(longer["train"])[:40], pixels(a["train"]))
+
+
+def test_shapes_draws_the_shape_it_labels():
+    """A circle covers about pi/4 of its bounding box, a square all of it: check the drawn areas differ so."""
+    from hfpapers.data.images import draw_shape
+
+    # Seeds whose first draw picks a solid background (style 0), so the corner pixel is the background.
+    solid = [s for s in range(50) if np.random.default_rng(s).integers(3) == 0][:4]
+    for seed, (kind, expected) in zip(solid, [("circle", np.pi / 4), ("square", 1.0)] * 2):
+        image = np.asarray(draw_shape(kind, 64, np.random.default_rng(seed))).astype(float)
+        foreground = np.abs(image - image[0, 0]).sum(-1) > 60
+        ys, xs = np.nonzero(foreground)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert abs(foreground.sum() / box - expected) < 0.12, kind
+
+
+def test_digits_come_from_sklearn():
+    from sklearn.datasets import load_digits
+
+    digits = load("digits")
+    assert len(digits["train"]) + len(digits["test"]) == len(load_digits().target) == 1797
+    assert digits["train"].features["label"].names == [str(d) for d in range(10)]
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="num_classes must be between 1 and 10"):
+        load("shapes", num_classes=11)
+    with pytest.raises(TypeError, match="only apply to embedded datasets"):
+        load("/some/folder", resolution=3)
+
+
+def test_local_imagefolder_with_column_mapping(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (6, 6), (i * 40, 0, 0)).save(tmp_path / "train" / label / f"{i}.png")
+    data = load(str(tmp_path), test_size=0.5)
+    assert data["train"].features["label"].names == ["cat", "dog"]
+    assert len(data["train"]) == len(data["test"]) == 4
+    with pytest.raises(ValueError, match=r"no column\(s\) \['picture'\].*--image-column"):
+        load(str(tmp_path), image_column="picture")

@@ -1,0 +1,77 @@
+"""The common model tester: every model class of every registered method, at its tiny preset."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hfpapers
+from hfpapers.testing.tiny import tiny_inputs, wrong_inputs
+
+CASES = [(record, auto_name) for record in hfpapers.list_methods() for auto_name in record.model_classes]
+IDS = [f"{record.slug}-{auto_name}" for record, auto_name in CASES]
+
+
+def build(record, auto_name):
+    torch.manual_seed(0)
+    return hfpapers.create_model(record.slug, preset="tiny", head=auto_name)
+
+
+def first_output(outputs) -> torch.Tensor:
+    return outputs.logits if "logits" in outputs else outputs.last_hidden_state
+
+
+@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+def test_output_shapes(record, auto_name):
+    model = build(record, auto_name).eval()
+    out = first_output(model(**tiny_inputs(record.task, model.config, batch_size=3)))
+    assert out.shape[0] == 3
+    if auto_name == "AutoModelForImageClassification":
+        assert out.shape == (3, model.config.num_labels)
+
+
+@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+def test_save_load_round_trip_is_bit_exact_through_the_auto_class(record, auto_name, tmp_path):
+    import transformers
+
+    model = build(record, auto_name).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = getattr(transformers, auto_name).from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    inputs = tiny_inputs(record.task, model.config)
+    with torch.no_grad():
+        assert torch.equal(first_output(model(**inputs)), first_output(loaded(**inputs)))
+
+
+@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+def test_gradient_reaches_every_parameter(record, auto_name):
+    model = build(record, auto_name).train()
+    first_output(model(**tiny_inputs(record.task, model.config))).square().mean().backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"no gradient reaches {silent}"
+
+
+@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+def test_eval_mode_outputs_do_not_depend_on_the_rest_of_the_batch(record, auto_name):
+    model = build(record, auto_name).eval()
+    inputs = tiny_inputs(record.task, model.config, batch_size=4)
+    with torch.no_grad():
+        batched = first_output(model(**inputs))
+        for i in range(4):
+            alone = first_output(model(**{k: v[i:i + 1] for k, v in inputs.items()}))
+            torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+def test_wrong_input_shape_raises_an_error_naming_the_expected_shape(record, auto_name):
+    model = build(record, auto_name)
+    bad = wrong_inputs(record.task, model.config)
+    with pytest.raises(ValueError) as error:
+        model(**bad)
+    got = tuple(next(iter(bad.values())).shape)
+    assert re.search(r"\(batch, [^)]*\)", str(error.value)) and str(got) in str(error.value)

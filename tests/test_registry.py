@@ -1,0 +1,69 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+import hfpapers
+from hfpapers.registry import MethodRecord
+
+
+def test_records_describe_each_method():
+    records = hfpapers.list_methods()
+    assert [r.slug for r in records] == ["scaling-mlp"]
+    record = hfpapers.get_method("scaling-mlp")
+    assert isinstance(record, MethodRecord)
+    assert record.arxiv_id == "2306.13575" and record.task == "image-classification"
+    assert record.model_type == "hfp-scaling-mlp" and record.status == "complete"
+    assert set(record.paper_presets) <= set(record.presets) and record.default_preset in record.presets
+    assert record.bibtex.startswith("@") and record.time_budget_s > 0
+
+
+def test_unknown_slug_and_preset_name_the_known_ones():
+    with pytest.raises(KeyError, match="known methods: scaling-mlp"):
+        hfpapers.get_method("no-such-paper")
+    with pytest.raises(KeyError, match=r"known presets: tiny, B_6-Wi_512"):
+        hfpapers.create_model("scaling-mlp", preset="huge")
+
+
+def test_create_model_applies_preset_and_overrides():
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_blocks=3, num_labels=7)
+    assert model.config.num_blocks == 3 and model.config.hidden_size == 128 and model.config.num_labels == 7
+    assert type(model).__name__ == "ScalingMLPForImageClassification"
+    base = hfpapers.create_model("scaling-mlp", preset="tiny", head="AutoModel")
+    assert type(base).__name__ == "ScalingMLPModel"
+
+
+def test_registration_is_idempotent_and_reaches_auto_classes():
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    hfpapers.register_with_transformers()
+    hfpapers.register_with_transformers()
+    config = AutoConfig.for_model("hfp-scaling-mlp", num_blocks=1, hidden_size=8, image_size=4)
+    assert type(AutoModel.from_config(config)).__name__ == "ScalingMLPModel"
+    assert type(AutoModelForImageClassification.from_config(config)).__name__ == "ScalingMLPForImageClassification"
+
+
+IMPORT_ORDERS = {
+    "auto class after hfpapers": "import hfpapers; from transformers import AutoModelForImageClassification as A",
+    "pipeline after hfpapers": "import hfpapers; from transformers import pipeline, AutoModelForImageClassification as A",
+    "transformers first": "from transformers import PreTrainedModel, AutoModelForImageClassification as A; import hfpapers",
+    "config only": "import hfpapers; from transformers import AutoConfig; import transformers; A = transformers.AutoModelForImageClassification",
+}
+
+
+@pytest.mark.parametrize("code", IMPORT_ORDERS.values(), ids=IMPORT_ORDERS.keys())
+def test_import_hfpapers_registers_in_any_import_order(code):
+    probe = code + "; from transformers import AutoConfig; c = AutoConfig.for_model('hfp-scaling-mlp'); print(type(c) in A._model_mapping)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_import_is_cheap():
+    """`import hfpapers` must not pull torch in (seconds); its own cost stays far under a second."""
+    code = ("import sys, time; import transformers; t = time.perf_counter(); import hfpapers; "
+            "hfpapers.list_methods(); print(time.perf_counter() - t, 'torch' in sys.modules)")
+    seconds, torch_loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout.split()
+    assert torch_loaded == "False"
+    assert float(seconds) < 1.0

@@ -1,0 +1,189 @@
+"""Scaling MLPs: the B-MLP against a hand-written forward, the paper's parameter counts, the recipe's pieces."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import hfpapers
+from hfpapers.methods.scaling_mlp.recipe import Lion, ScalingMLPRecipe, random_resized_crop
+
+# Published counts at 64x64x3 (official README and the issue), with a 10-class and the ImageNet-21k head.
+PAPER_COUNTS = {
+    "B_6-Wi_512": (18_901_514, 24_657_374),
+    "B_12-Wi_512": (31_505_930, 37_261_790),
+    "B_6-Wi_1024": (62_968_842, 74_469_342),
+    "B_12-Wi_1024": (113_343_498, 124_843_998),
+}
+
+
+@pytest.mark.parametrize("preset", PAPER_COUNTS)
+def test_paper_presets_have_the_published_parameter_counts(preset):
+    ten, in21k = PAPER_COUNTS[preset]
+    with torch.device("meta"):  # counting needs shapes, not memory
+        assert sum(p.numel() for p in hfpapers.create_model("scaling-mlp", preset=preset).parameters()) == in21k
+        assert sum(p.numel() for p in hfpapers.create_model("scaling-mlp", preset=preset, num_labels=10)
+                   .parameters()) == ten
+
+
+def naive_forward(state, x, num_blocks, eps=1e-5):
+    """The paper's B-MLP written out with plain tensor ops from a state dict."""
+    h = x.reshape(len(x), -1) @ state["mlp.linear_in.weight"].T + state["mlp.linear_in.bias"]
+    for i in range(num_blocks):
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        normed = (h - mean) / torch.sqrt(var + eps) * state[f"mlp.layernorms.{i}.weight"] + state[f"mlp.layernorms.{i}.bias"]
+        inner = normed @ state[f"mlp.blocks.{i}.block.0.weight"].T + state[f"mlp.blocks.{i}.block.0.bias"]
+        inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))  # exact GELU
+        h = h + inner @ state[f"mlp.blocks.{i}.block.2.weight"].T + state[f"mlp.blocks.{i}.block.2.bias"]
+    return h @ state["linear_out.weight"].T + state["linear_out.bias"]
+
+
+def test_forward_matches_hand_computation():
+    torch.manual_seed(0)
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_blocks=3, num_labels=5).eval()
+    with torch.no_grad():  # non-trivial norm parameters, so a wrong norm cannot hide
+        for norm in model.mlp.layernorms:
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 16, 16)
+    expected = naive_forward({k: v.double() for k, v in model.state_dict().items()}, x.double(), 3)
+    torch.testing.assert_close(model(pixel_values=x).logits.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flattening_is_channels_height_width():
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_blocks=1, image_size=2, hidden_size=4).eval()
+    x = torch.arange(12.0).reshape(1, 3, 2, 2)
+    with torch.no_grad():
+        model.mlp.linear_in.weight.zero_()
+        model.mlp.linear_in.weight[0, 5] = 1.0  # reads element 5 of the flat vector = channel 1, row 0, col 1
+        model.mlp.linear_in.bias.zero_()
+        out = model.mlp(pixel_values=x, output_hidden_states=True).hidden_states[0]
+    assert out[0, 0].item() == x[0, 1, 0, 1].item() == 5.0
+
+
+def test_hidden_states_and_loss():
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=4)
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    out = model(pixel_values=x, labels=labels, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_blocks + 1
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    soft = F.one_hot(labels, 4).float()
+    torch.testing.assert_close(model(pixel_values=x, labels=soft).loss, out.loss)
+    with pytest.raises(ValueError, match=r"soft labels must have shape \(2, 4\)"):
+        model(pixel_values=x, labels=torch.ones(2, 3))
+
+
+def test_image_processor_resizes_and_normalises_like_the_paper():
+    from hfpapers.methods.scaling_mlp import ScalingMLPConfig
+    from hfpapers.registry import create_image_processor
+
+    processor = create_image_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    got = processor(Image.fromarray(rgb), return_tensors="pt")["pixel_values"][0]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as the official code
+    expected = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    grey = processor(Image.fromarray(rgb[..., 0]), return_tensors="pt")["pixel_values"]
+    assert grey.shape == (1, 3, 8, 8)
+    assert processor(Image.new("RGB", (30, 20)), return_tensors="pt")["pixel_values"].shape == (1, 3, 8, 8)
+
+
+def test_lion_matches_its_update_rule_by_hand():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    grads = [torch.randn(5) for _ in range(3)]
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    ref, m = p.detach().clone(), torch.zeros(5)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        ref = ref * (1 - 0.1 * 0.5)
+        ref = ref - 0.1 * torch.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+    torch.testing.assert_close(p.detach(), ref)
+
+
+def test_mixup_loss_is_the_official_neighbour_blend():
+    recipe = ScalingMLPRecipe(label_smoothing=0.3, mixup_alpha=0.8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                              horizontal_flip=False)
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    loss = recipe.compute_loss(model, {"pixel_values": x, "labels": y}, torch.Generator().manual_seed(7))
+    # The same draw of lambda, then the blend written out.
+    gen = torch.Generator().manual_seed(7)
+    torch.empty(4).uniform_(1, 1, generator=gen), torch.empty(4).uniform_(0, 0, generator=gen)
+    torch.rand(4, generator=gen), torch.rand(4, generator=gen)
+    lam = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(0.8, 0.8)
+    mixed = lam * x + (1 - lam) * x[[3, 0, 1, 2]]
+    logits = model(pixel_values=mixed).logits
+
+    def smoothed_ce(target):
+        q = torch.full((4, 3), 0.3 / 3)
+        q[torch.arange(4), target] += 0.7
+        return -(q * logits.log_softmax(-1)).sum(-1).mean()
+
+    expected = lam * smoothed_ce(y) + (1 - lam) * smoothed_ce(y[[3, 0, 1, 2]])
+    torch.testing.assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_random_resized_crop_takes_the_requested_window():
+    images = torch.arange(2 * 8 * 8.0).reshape(2, 1, 8, 8)
+    whole = random_resized_crop(images, (1.0, 1.0), (1.0, 1.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole, images)
+    # A quarter-area square crop is a 4x4 window upsampled 2x: its mean lies in the window's value range.
+    quarter = random_resized_crop(images, (0.25, 0.25), (1.0, 1.0), torch.Generator().manual_seed(1))
+    for img, crop in zip(images, quarter):
+        windows = img[0].unfold(0, 4, 1).unfold(1, 4, 1).reshape(-1, 16)
+        assert (windows.mean(-1) - crop.mean()).abs().min() < 1.0
+
+
+def test_wrong_input_shape_names_the_expected_shape():
+    model = hfpapers.create_model("scaling-mlp", preset="tiny")
+    with pytest.raises(ValueError, match=r"\(batch, 3, 16, 16\).*got \(2, 3, 32, 32\)"):
+        model(pixel_values=torch.randn(2, 3, 32, 32))
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(Exception, match="norm_type must be one of"):
+        hfpapers.create_model("scaling-mlp", preset="tiny", norm_type="group")
+
+
+def test_saved_folder_loads_as_remote_code_without_hfpapers(tmp_path):
+    """The saved folder carries its modeling files and auto_map: a user without hfpapers loads it."""
+    from hfpapers.registry import create_image_processor
+
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
+    model.save_pretrained(tmp_path)
+    create_image_processor("scaling-mlp", model.config).save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "expected.npy", model(pixel_values=x).logits.detach().numpy())
+    code = f"""
+import sys
+sys.modules["hfpapers"] = None  # any import of hfpapers now fails
+import numpy as np, torch
+from transformers import AutoModelForImageClassification, AutoImageProcessor
+try:
+    AutoModelForImageClassification.from_pretrained({str(tmp_path)!r})
+    raise SystemExit("loaded custom code without trust_remote_code")
+except ValueError as error:
+    assert "trust_remote_code" in str(error)
+m = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+p = AutoImageProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+assert type(p).__name__.startswith("ViTImageProcessor") and p.size == {{"height": 16, "width": 16}}
+x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
+got = m(pixel_values=x).logits.detach().numpy()
+print(np.abs(got - np.load({str(tmp_path / 'expected.npy')!r})).max())
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) == 0.0
