@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .engine import RESULTS_FILE, RUN_FILE
-from .registry import TASK_AUTO_CLASS, get_method
+from .registry import get_method
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = MODEL_CARDS_DIR / "template.md"
@@ -56,7 +56,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
         dataset=run["dataset"],
         dataset_kwargs=json.dumps(run["dataset_kwargs"]) if run["dataset_kwargs"] else "",
         prose=prose_file.read_text().strip(),
-        auto_class=TASK_AUTO_CLASS.get(record.task, "AutoModel"),
+        auto_class=record.head_auto_class,
         task=record.task,
         repo_id=repo_id or str(output_dir),
         num_processes=run["num_processes"],

@@ -397,7 +397,7 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
     from accelerate import Accelerator
 
     from . import data
-    from .registry import TASK_AUTO_CLASS, method_for_model_type, register_with_transformers
+    from .registry import method_for_model_type, register_with_transformers
 
     folder_path = Path(folder)
     config_file = folder_path / "config.json"
@@ -417,7 +417,7 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
     register_with_transformers()
     import transformers
 
-    model = getattr(transformers, TASK_AUTO_CLASS[record.task]).from_pretrained(folder)
+    model = getattr(transformers, record.head_auto_class).from_pretrained(folder)
     processor = transformers.AutoImageProcessor.from_pretrained(folder) if record.image_processor else None
     recipe = record.load(record.recipe)()
     test = data.load(dataset, image_column=run.get("image_column", "image"),

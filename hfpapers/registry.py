@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["MethodRecord", "list_methods", "get_method", "create_model", "register_with_transformers"]
+# The Auto class whose head serves each standard pipeline task.
+TASK_AUTO_CLASS = {"image-classification": "AutoModelForImageClassification", "feature-extraction": "AutoModel"}
+
+__all__ = ["MethodRecord", "list_methods", "get_method", "create_model", "register_with_transformers",
+           "register_record"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,20 @@ class MethodRecord:
     bibtex: str
     time_budget_s: int  # wall-clock budget of the default preset in `hfpapers zoo build`
     image_processor: str | None = None  # dotted path of a function config -> image processor
+    pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
     status: str = "complete"
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
 
     @property
     def model_type(self) -> str:
         return f"hfp-{self.slug}"
+
+    @property
+    def head_auto_class(self) -> str:
+        """The Auto class of the model that serves `task` (the default of `create_model`)."""
+        if self.task in TASK_AUTO_CLASS:
+            return TASK_AUTO_CLASS[self.task]
+        return next((name for name in self.model_classes if name != "AutoModel"), "AutoModel")
 
     @property
     def arxiv_url(self) -> str:
@@ -134,7 +146,7 @@ def create_model(slug: str, preset: str | None = None, *, head: str | None = Non
     values = record.preset(preset or record.default_preset)
     values.update(overrides)
     config = record.load(record.config_class)(**values)
-    head = head or _task_auto_class(record)
+    head = head or record.head_auto_class
     if head not in record.model_classes:
         raise KeyError(f"{slug!r} has no {head!r}; available: {', '.join(record.model_classes)}")
     return record.load(record.model_classes[head])(config)
@@ -146,14 +158,6 @@ def create_image_processor(slug: str, config):
     if record.image_processor is None:
         return None
     return record.load(record.image_processor)(config)
-
-
-# The Auto class whose head serves each pipeline task.
-TASK_AUTO_CLASS = {"image-classification": "AutoModelForImageClassification", "feature-extraction": "AutoModel"}
-
-
-def _task_auto_class(record: MethodRecord) -> str:
-    return TASK_AUTO_CLASS.get(record.task, "AutoModel")
 
 
 _registered = False
@@ -171,16 +175,28 @@ def register_with_transformers() -> None:
         if _registered:
             return
         _registered = True
-        import transformers
-
         for record in list_methods():
-            config_class = record.load(record.config_class)
-            transformers.AutoConfig.register(record.model_type, config_class, exist_ok=True)
-            config_class.register_for_auto_class()
-            for auto_name, dotted in record.model_classes.items():
-                model_class = record.load(dotted)
-                getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
-                model_class.register_for_auto_class(auto_name)
+            register_record(record)
+
+
+def register_record(record: MethodRecord) -> None:
+    """Register one record's config, model classes and custom pipeline with transformers (idempotent)."""
+    import transformers
+
+    config_class = record.load(record.config_class)
+    transformers.AutoConfig.register(record.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    for auto_name, dotted in record.model_classes.items():
+        model_class = record.load(dotted)
+        getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_name)
+    if record.pipeline_class:
+        from transformers.pipelines import PIPELINE_REGISTRY
+
+        PIPELINE_REGISTRY.register_pipeline(
+            record.task, pipeline_class=record.load(record.pipeline_class),
+            pt_model=getattr(transformers, record.head_auto_class),
+        )
 
 
 # Modules of transformers whose import means "the Auto machinery is about to be used".

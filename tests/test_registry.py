@@ -3,6 +3,7 @@ import sys
 import time
 
 import pytest
+from transformers import Pipeline
 
 import hfpapers
 from hfpapers.registry import MethodRecord
@@ -67,3 +68,37 @@ def test_import_is_cheap():
                                            check=True).stdout.split()
     assert torch_loaded == "False"
     assert float(seconds) < 1.0
+
+
+class TopClassPipeline(Pipeline):
+    """A minimal custom pipeline: the index of the top logit."""
+
+    _load_processor = _load_image_processor = _load_feature_extractor = _load_tokenizer = False
+
+    def _sanitize_parameters(self, **kwargs):
+        return {}, {}, {}
+
+    def preprocess(self, pixel_values):
+        return {"pixel_values": pixel_values}
+
+    def _forward(self, inputs):
+        return self.model(**inputs)
+
+    def postprocess(self, outputs):
+        return int(outputs.logits.argmax(-1)[0])
+
+
+def test_a_record_with_a_custom_pipeline_registers_it():
+    import dataclasses
+
+    import torch
+    from transformers import pipeline
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    record = dataclasses.replace(hfpapers.get_method("scaling-mlp"), task="hfp-test-top-class",
+                                 pipeline_class=f"{__name__}.TopClassPipeline")
+    hfpapers.register_record(record)
+    assert "hfp-test-top-class" in PIPELINE_REGISTRY.get_supported_tasks()
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=5).eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert pipeline("hfp-test-top-class", model=model)(x) == int(model(pixel_values=x).logits.argmax())
