@@ -38,6 +38,7 @@ class TrainingArguments:
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
+    ema_decay: float | None = None  # keep an exponential moving average of the weights; it is evaluated and saved
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     checkpoint_every_steps: int | None = None  # besides the checkpoint at the end of every epoch
@@ -51,6 +52,8 @@ class TrainingArguments:
                      "gradient_accumulation_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
 
@@ -83,12 +86,23 @@ class Recipe(ABC):
 
     Subclasses live in `methods/<slug>/recipe.py`. `defaults` holds the method's `TrainingArguments` values;
     `step_rng` passed to `compute_loss` is seeded from (seed, process, micro-step), so random augmentation
-    reproduces exactly on resume.
+    reproduces exactly on resume. While training, the engine keeps `epoch`, `num_epochs` and `ema_model` (the
+    weight average, when `ema_decay` is set) current on the recipe, for losses that change over training.
     """
 
     defaults: dict[str, Any] = {}
     preset_defaults: dict[str, dict[str, Any]] = {}  # per preset, e.g. CPU-sized arguments for "tiny"
     metric: str = "accuracy"  # the headline eval metric (for the card and the zoo index)
+    epoch: int = 0
+    num_epochs: int = 1
+    ema_model: torch.nn.Module | None = None
+
+    def build_scheduler(self, optimizer, args: TrainingArguments, total_steps: int, steps_per_epoch: int):
+        """The learning-rate schedule, stepped once per optimiser step."""
+        from transformers import get_scheduler
+
+        return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                             num_training_steps=total_steps)
 
     @abstractmethod
     def prepare_dataset(self, dataset, processor) -> torch.utils.data.Dataset:
@@ -146,7 +160,6 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -176,9 +189,16 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
     steps_per_epoch = len(train_dl) // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.num_epochs
     # Stepped by hand once per optimiser step (accelerate's wrapper would step it once per process).
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=total_steps)
+    scheduler = recipe.build_scheduler(optimizer, args, total_steps, steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if args.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay),
+                            use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
+    recipe.ema_model, recipe.num_epochs = (ema.module if ema is not None else None), args.num_epochs
 
     state = {"epoch": 0, "batches_done": 0, "global_step": 0, "train_seconds": 0.0, "history": []}
     if args.resume_from:
@@ -199,6 +219,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
     model.train()
     for epoch in range(state["epoch"], args.num_epochs):
         train_dl.set_epoch(epoch)
+        recipe.epoch = epoch
         batches = accelerator.skip_first_batches(train_dl, state["batches_done"]) if state["batches_done"] else train_dl
         for batch in batches:
             micro_step = epoch * len(train_dl) + state["batches_done"]
@@ -216,6 +237,8 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
             state["global_step"] += 1
             progress.update(1)
             step = state["global_step"]
@@ -226,7 +249,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if args.checkpoint_every_steps and step % args.checkpoint_every_steps == 0:
                 _save_checkpoint(accelerator, output_dir, state, started, args.keep_checkpoints)
-        metrics = evaluate(accelerator, model, eval_dl, recipe)
+        metrics = evaluate(accelerator, ema.module if ema is not None else model, eval_dl, recipe)
         model.train()
         state["epoch"], state["batches_done"] = epoch + 1, 0
         _log(accelerator, output_dir, state, {"step": state["global_step"], "epoch": epoch + 1,
@@ -244,7 +267,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir)
+        (ema.module if ema is not None else accelerator.unwrap_model(model)).save_pretrained(output_dir)
         if processor is not None:
             processor.save_pretrained(output_dir)
         plot_curves(state["history"], output_dir / CURVES_FILE, recipe.metric)

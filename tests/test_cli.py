@@ -18,13 +18,14 @@ def test_every_command_has_help(command):
 def test_list_and_info():
     assert "scaling-mlp" in run_cli("list").stdout
     records = json.loads(run_cli("list", "--json").stdout)
-    assert records[0]["slug"] == "scaling-mlp" and records[0]["arxiv_id"] == "2306.13575"
+    assert [(r["slug"], r["arxiv_id"]) for r in records] == [("efficientvim", "2411.15241"),
+                                                             ("scaling-mlp", "2306.13575")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
     assert info["presets"]["B_12-Wi_1024"]["hidden_size"] == 1024
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, scaling-mlp"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
     (["eval", "/nonexistent"], "has no config.json"),

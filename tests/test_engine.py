@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from conftest import REPO, read_json, run_cli, small_dataset_args
 
 # Small enough for seconds, long enough (many steps, a checkpoint after each) to be killed half-way.
+# The EMA of the weights is part of the state that must come back.
 RESUME_ARGS = ["--epochs", "6", "--checkpoint-every-steps", "1", "--config", "hidden_size=32", "--no-progress",
-               *small_dataset_args()]
+               "--set", "ema_decay=0.9", *small_dataset_args()]
 
 
 def train_command(out, *extra):
@@ -56,23 +57,26 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_work(tmp_path):
+@pytest.mark.parametrize("method", ["scaling-mlp", "efficientvim"])
+def test_two_processes_share_the_work(method, tmp_path):
     from accelerate.test_utils.testing import get_launch_command, get_torch_dist_unique_port
 
     out = tmp_path / "ddp"
     command = get_launch_command(multi_gpu=True, num_processes=2, num_machines=1, mixed_precision="no",
                                  dynamo_backend="no", main_process_port=get_torch_dist_unique_port())
-    command += [str(REPO / "training" / "train.py"), "scaling-mlp", "--output-dir", str(out), "--epochs", "2",
+    command += [str(REPO / "training" / "train.py"), method, "--output-dir", str(out), "--epochs", "3",
                 "--no-progress", *small_dataset_args()]
+    if method == "efficientvim":  # its schedule needs more epochs than warm-up + cool-down
+        command += ["--set", "warmup_epochs=1", "--set", "cooldown_epochs=1"]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_json(out / "train_results.json")
     batch = 64
     per_process_batches = 256 // (batch * 2)
-    # Each rank stepped through its own half of every epoch: 2 epochs x 2 batches x 64 examples.
-    assert results["examples_per_process"] == [2 * per_process_batches * batch] * 2
-    assert results["global_step"] == 2 * per_process_batches
+    # Each rank stepped through its own half of every epoch: 3 epochs x 2 batches x 64 examples.
+    assert results["examples_per_process"] == [3 * per_process_batches * batch] * 2
+    assert results["global_step"] == 3 * per_process_batches
     assert read_json(out / "hfpapers_run.json")["num_processes"] == 2
 
 

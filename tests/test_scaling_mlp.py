@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hfpapers
-from hfpapers.methods.scaling_mlp.recipe import Lion, ScalingMLPRecipe, random_resized_crop
+from hfpapers.augment import random_resized_crop
+from hfpapers.methods.scaling_mlp.recipe import Lion, ScalingMLPRecipe
 
 # Published counts at 64x64x3 (official README and the issue), with a 10-class and the ImageNet-21k head.
 PAPER_COUNTS = {

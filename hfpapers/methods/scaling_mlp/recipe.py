@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...augment import horizontal_flip, random_resized_crop, sample_beta
 from ...engine import ImageClassificationRecipe
 
 
@@ -47,27 +47,6 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def random_resized_crop(images: torch.Tensor, scale, ratio, generator: torch.Generator) -> torch.Tensor:
-    """Per image: a crop of random area fraction `scale` and aspect `ratio`, resized back to the input size.
-
-    images: (batch, channels, height, width). Done as one batched bilinear resampling (an affine grid per
-    image); a crop that would not fit inside the image is clamped to it.
-    """
-    batch, _, height, width = images.shape
-    area = torch.empty(batch).uniform_(*scale, generator=generator)  # fraction of the image
-    aspect = torch.empty(batch).uniform_(*torch.tensor(ratio).log().tolist(), generator=generator).exp()
-    frac_w = (area * aspect * height / width).sqrt().clamp(max=1.0)  # crop width / image width
-    frac_h = (area / aspect * width / height).sqrt().clamp(max=1.0)
-    # Crop centres in [-1, 1] grid coordinates, drawn so the crop stays inside the image.
-    centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - frac_w)
-    centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - frac_h)
-    theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = frac_w, centre_x
-    theta[:, 1, 1], theta[:, 1, 2] = frac_h, centre_y
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 @dataclass
 class ScalingMLPRecipe(ImageClassificationRecipe):
     label_smoothing: float = 0.3
@@ -97,10 +76,7 @@ class ScalingMLPRecipe(ImageClassificationRecipe):
 
     def augment(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         images = random_resized_crop(pixel_values, self.crop_scale, self.crop_ratio, generator)
-        if self.horizontal_flip:
-            flip = torch.rand(len(images), generator=generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
+        return horizontal_flip(images, generator) if self.horizontal_flip else images
 
     def compute_loss(self, model, batch, step_rng):
         images, labels = self.augment(batch["pixel_values"], step_rng), batch["labels"]
@@ -108,14 +84,10 @@ class ScalingMLPRecipe(ImageClassificationRecipe):
             logits = model(pixel_values=images).logits
             return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         # Official mixup: one lambda per batch, each image blended with the previous one in the batch.
-        lam = float(_numpy_rng(step_rng).beta(self.mixup_alpha, self.mixup_alpha))
+        lam = sample_beta(self.mixup_alpha, step_rng)
         mixed = lam * images + (1 - lam) * images.roll(1, dims=0)
         logits = model(pixel_values=mixed).logits
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         ce_neighbour = F.cross_entropy(logits, labels.roll(1, dims=0), label_smoothing=self.label_smoothing)
         return lam * ce + (1 - lam) * ce_neighbour
 
-
-def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
-    # torch has no seeded Beta sampler; derive a numpy generator from the step's torch generator.
-    return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))

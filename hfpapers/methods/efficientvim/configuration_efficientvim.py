@@ -1,0 +1,61 @@
+"""Configuration of EfficientViM (Lee et al., "EfficientViM: Efficient Vision Mamba with Hidden State Mixer
+based State Space Duality", CVPR 2025, arXiv 2411.15241)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# The stem is four stride-2 convolutions and the two PatchMerging layers halve the size again: inputs must be
+# multiples of 16 (stem) and the stage grids must stay at least one token wide.
+STEM_STRIDE = 16
+
+
+@strict
+class EfficientViMConfig(PreTrainedConfig):
+    r"""
+    image_size (`int`): the resolution the presets were trained at (224, or 256 for M4). The model accepts any
+        height and width that are multiples of 16 and at least 64; this sets the image processor's size.
+    num_channels (`int`): input channels.
+    embed_dim (`list[int]`): channels of the three stages.
+    depths (`list[int]`): EfficientViM blocks per stage.
+    state_dim (`list[int]`): N, the number of hidden-state tokens of the HSM-SSD in each stage.
+    mlp_ratio (`float`): expansion of the FFN branch.
+    ssd_expand (`float`): expansion of the HSM-SSD's inner width (1 in every published model).
+    distillation (`bool`): add the DeiT-style distillation head (the `*-dist` models).
+    layer_norm_eps (`float`): eps of the channel LayerNorms.
+    batch_norm_eps (`float`): eps of the BatchNorms.
+    alpha_init (`float`): initial value of the branch gates' logits (`sigmoid(alpha)` mixes each branch in).
+    initializer_range (`float`): std of the truncated-normal init of the classifier heads.
+    """
+
+    model_type = "hfp-efficientvim"
+
+    image_size: int = 224
+    num_channels: int = 3
+    embed_dim: list[int] | tuple[int, ...] = (128, 192, 320)
+    depths: list[int] | tuple[int, ...] = (2, 2, 2)
+    state_dim: list[int] | tuple[int, ...] = (49, 25, 9)
+    mlp_ratio: float | int = 4.0
+    ssd_expand: float | int = 1.0
+    distillation: bool = False
+    layer_norm_eps: float = 1e-5
+    batch_norm_eps: float = 1e-5
+    alpha_init: float = 1e-4
+    initializer_range: float = 0.02
+
+    def validate_efficientvim(self):
+        lengths = {len(self.embed_dim), len(self.depths), len(self.state_dim)}
+        if lengths != {3}:
+            raise ValueError(
+                f"embed_dim, depths and state_dim need one entry per stage (3), got {list(self.embed_dim)}, "
+                f"{list(self.depths)}, {list(self.state_dim)}"
+            )
+        for name in ("embed_dim", "depths", "state_dim"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} entries must be positive, got {list(getattr(self, name))}")
+        if self.embed_dim[0] % 8:
+            raise ValueError(f"embed_dim[0] must be a multiple of 8 (the stem uses D/8 channels), got {self.embed_dim[0]}")
+        if self.image_size % STEM_STRIDE:
+            raise ValueError(f"image_size must be a multiple of {STEM_STRIDE}, got {self.image_size}")
+
+
+__all__ = ["EfficientViMConfig"]

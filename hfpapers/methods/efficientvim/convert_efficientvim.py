@@ -1,0 +1,286 @@
+"""Convert an official EfficientViM checkpoint (github.com/mlvlab/EfficientViM) or a timm one to a `save_pretrained`
+folder.
+
+The official training script saves an envelope `{"model", "model_ema", "optimizer", ..., "config"}` whose
+`"config"` is a yacs `CfgNode`; timm and the Hub hold the bare state dict, with the same key names and shapes
+(timm only drops the distillation head of non-distilled models). Our module names follow the official ones, so
+the conversion puts the body (`patch_embed.*`, `stages.*`) under `efficientvim.`, keeps the fusion head
+(`weights`, `norm.*`, `heads.*`, and `weights_dist`, `heads_dist.*` when distilled) as it is, and accepts the
+LayerNorm parameters flattened to (C,). Everything else here checks that the weights really are the model built.
+
+    python -m hfpapers.methods.efficientvim.convert_efficientvim CHECKPOINT OUTPUT_DIR [--variant M1] \
+        [--image-size 224] [--drop-distillation-head]
+
+ImageNet-1k class names are not available offline: the converted config keeps the default labels LABEL_0...
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ...registry import create_image_processor, get_method
+from .configuration_efficientvim import EfficientViMConfig
+from .modeling_efficientvim import EfficientViMForImageClassification
+
+# The official envelope keeps the raw and the EMA weights; timm's filter prefers the EMA ones (they match the
+# paper's top-1), and so do we.
+ENVELOPE_KEYS = ("model_ema", "model", "state_dict")
+# DataParallel / DistributedDataParallel add `module.`, torch.compile adds `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+BASE_PREFIX = "efficientvim."
+DISTILLATION_KEYS = re.compile(r"^(heads_dist\.|weights_dist$)")
+# The channel LayerNorms, (1, C, 1) or (1, C, 1, 1) officially; flattened to (C,) by some re-exports.
+LAYER_NORM_KEYS = re.compile(r"^(stages\.\d+\.blocks\.\d+\.norm|norm\.\d+)\.(weight|bias)$")
+ARCHITECTURE_FIELDS = ("num_channels", "embed_dim", "depths", "state_dim", "mlp_ratio", "num_labels")
+LISTED = 10
+
+
+def unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
+    """The state dict inside `obj`: a state dict itself, or an envelope holding one under `model_ema` (preferred),
+    `model` or `state_dict`. Wrapper prefixes (`module.`, `_orig_mod.`) are removed."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict or a checkpoint dict, got a {type(obj).__name__}")
+    if obj and not all(isinstance(value, torch.Tensor) for value in obj.values()):
+        key = next((k for k in ENVELOPE_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise ValueError(
+                f"not a state dict, and no state dict under {', '.join(map(repr, ENVELOPE_KEYS))}; "
+                f"top-level keys: {_listing(map(str, obj))}"
+            )
+        obj = obj[key]
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in state_dict:
+            raise ValueError(f"two keys become {name!r} once wrapper prefixes are removed")
+        state_dict[name] = value
+    return state_dict
+
+
+def _listing(names, limit: int = LISTED) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _dim(key: str, axis: int, state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Size `axis` of `state_dict[key]`, with an error naming the key when it is absent or has too few dims."""
+    if key not in state_dict:
+        raise ValueError(f"not an EfficientViM classifier state dict: no {key!r} (keys: {_listing(state_dict)})")
+    if state_dict[key].dim() <= axis:
+        raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, expected at least {axis + 1} dims")
+    return state_dict[key].shape[axis]
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The config fields that the weights determine, read off an official (prefix-free) state dict's shapes."""
+    blocks = {}
+    for key in state_dict:
+        if match := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key):
+            blocks.setdefault(int(match[1]), set()).add(int(match[2]))
+    if sorted(blocks) != [0, 1, 2]:
+        raise ValueError(f"expected blocks in stages 0, 1 and 2, found them in stages {sorted(blocks)}")
+    embed_dim = [_dim(f"stages.{s}.blocks.0.alpha", 1, state_dict) for s in range(3)]
+    return {
+        "num_channels": _dim("patch_embed.conv.0.conv.weight", 1, state_dict),
+        "embed_dim": embed_dim,
+        "depths": [max(blocks[s]) + 1 for s in range(3)],
+        "state_dim": [_dim(f"stages.{s}.blocks.0.mixer.A", 0, state_dict) for s in range(3)],
+        "mlp_ratio": _dim("stages.0.blocks.0.ffn.fc1.conv.weight", 0, state_dict) / embed_dim[0],
+        "num_labels": _dim("heads.0.weight", 0, state_dict),
+        "distillation": any(DISTILLATION_KEYS.match(key) for key in state_dict),
+    }
+
+
+def _matching_preset(architecture: Mapping) -> str | None:
+    """The paper preset with these widths, depths and state sizes (heads aside), if any."""
+    record = get_method("efficientvim")
+    for name in record.paper_presets:
+        preset = record.preset(name)
+        if all(list(preset[k]) == list(architecture[k]) for k in ("embed_dim", "depths", "state_dim")):
+            return name
+    return None
+
+
+def config_from_state_dict(state_dict, image_size: int | None = None) -> EfficientViMConfig:
+    """Our config for an official / timm state dict (or checkpoint envelope).
+
+    `image_size` (the image processor's crop) defaults to the paper's for the matching preset: 256 for M4,
+    224 otherwise."""
+    architecture = infer_architecture(unwrap_checkpoint(state_dict))
+    if image_size is None:
+        preset = _matching_preset(architecture)
+        image_size = get_method("efficientvim").preset(preset)["image_size"] if preset else 224
+    return EfficientViMConfig(image_size=image_size, **architecture)
+
+
+def _architecture_mismatch(state_dict: Mapping[str, torch.Tensor], config: EfficientViMConfig) -> str | None:
+    """A message when the weights are those of another variant (or head) than `config`; None when they match or
+    are too incomplete to tell (the key listing then says what is wrong)."""
+    try:
+        found = infer_architecture(state_dict)
+    except ValueError:
+        return None
+    differences = []
+    for field in ARCHITECTURE_FIELDS:
+        expected = getattr(config, field)
+        expected = list(expected) if isinstance(expected, (list, tuple)) else expected
+        if found[field] != expected:
+            differences.append(f"checkpoint has {field} {found[field]}, config expects {expected}")
+    if not differences:
+        return None
+    preset = _matching_preset(found)
+    hint = f" (the checkpoint's body matches preset {preset!r})" if preset else ""
+    return f"the checkpoint looks like a different variant than the config: {'; '.join(differences)}{hint}"
+
+
+def convert_state_dict(state_dict, config: EfficientViMConfig,
+                       drop_distillation_head: bool = False) -> dict[str, torch.Tensor]:
+    """Map an official / timm state dict (or checkpoint envelope) to the keys of our
+    `EfficientViMForImageClassification` for `config`.
+
+    A distillation head in the checkpoint of a non-distilled config is an error unless `drop_distillation_head`
+    (what timm does when it loads a `-dist` checkpoint into a plain model). Missing `num_batches_tracked` are
+    filled with 0. Raises one ValueError listing the missing keys, unexpected keys and shape mismatches."""
+    state_dict = unwrap_checkpoint(state_dict)
+    has_distillation = any(DISTILLATION_KEYS.match(key) for key in state_dict)
+    if has_distillation and not config.distillation:
+        if not drop_distillation_head:
+            raise ValueError(
+                "the checkpoint has a distillation head (heads_dist.*, weights_dist) but the config has "
+                "distillation=False: use a distilled config (e.g. variant M1-dist), or drop the head explicitly "
+                "(drop_distillation_head=True, --drop-distillation-head) as timm does"
+            )
+        state_dict = {k: v for k, v in state_dict.items() if not DISTILLATION_KEYS.match(k)}
+    elif config.distillation and not has_distillation:
+        raise ValueError(
+            "the config has distillation=True but the checkpoint has no distillation head (heads_dist.*, "
+            "weights_dist): use the non-distilled variant (e.g. M1 rather than M1-dist)"
+        )
+    if message := _architecture_mismatch(state_dict, config):
+        raise ValueError(message)
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        reference = EfficientViMForImageClassification(config).state_dict()
+    expected = {key.removeprefix(BASE_PREFIX): (key, tuple(t.shape)) for key, t in reference.items()}
+    converted, mismatched = {}, []
+    for key, tensor in state_dict.items():
+        if key not in expected:
+            continue
+        ours, shape = expected[key]
+        if LAYER_NORM_KEYS.match(key) and tensor.dim() == 1 and tensor.numel() == shape[1]:
+            tensor = tensor.reshape(shape)
+        if tuple(tensor.shape) != shape:
+            mismatched.append(f"{key} expected {shape} got {tuple(tensor.shape)}")
+        converted[ours] = tensor
+    missing = []
+    for key, (ours, _) in expected.items():
+        if key in state_dict:
+            continue
+        if key.endswith(".num_batches_tracked"):  # a training counter; inference does not read it
+            converted[ours] = torch.tensor(0, dtype=torch.long)
+        else:
+            missing.append(key)
+    unexpected = state_dict.keys() - expected.keys()
+    problems = [f"{name}: {_listing(keys)}" for name, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError("the checkpoint does not match the config: " + "; ".join(problems))
+    return converted
+
+
+def load_checkpoint(path: str | Path):
+    """Read a checkpoint file: `.safetensors` with safetensors, anything else with `torch.load(weights_only=True)`.
+
+    The official envelopes hold their yacs `CfgNode` config, which weights-only unpickling refuses. We allow that
+    one global and build it as an OrderedDict: torch's restricted unpickler fills only exact dict / OrderedDict /
+    Counter instances (SETITEMS), so an allow-listed dict subclass would still be refused. No code runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device="cpu")
+        with torch.serialization.safe_globals([(OrderedDict, "yacs.config.CfgNode")]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if refused := re.search(r"GLOBAL (\S+) was not an allowed global", str(error)):
+            raise ValueError(
+                f"{path}: weights-only loading refused the global {refused[1]}; only tensors, plain containers and "
+                "the official yacs config load safely. Re-save the state dict alone "
+                "(torch.save(checkpoint['model'])) from a copy you trust"
+            ) from error
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(f"{path} could not be read with torch.load(weights_only=True): {reason}") from error
+    except (RuntimeError, EOFError, KeyError, SafetensorError) as error:  # what torch / safetensors raise on junk
+        raise ValueError(f"{path} is not a torch.save or safetensors file ({type(error).__name__}: {error})") from error
+
+
+def convert_checkpoint(path: str | Path, output_dir: str | Path, variant: str | None = None,
+                       image_size: int | None = None,
+                       drop_distillation_head: bool = False) -> EfficientViMForImageClassification:
+    """Convert the checkpoint at `path` into `output_dir` (model as safetensors, config, image processor).
+
+    `variant` (a preset such as "M1" or "M1-dist") fixes the config and is checked against the weights; without
+    it the config is inferred from them. Returns the converted model, in eval mode."""
+    state_dict = unwrap_checkpoint(load_checkpoint(path))
+    if variant is not None:
+        try:
+            preset = get_method("efficientvim").preset(variant)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        if image_size is not None:
+            preset["image_size"] = image_size
+        config = EfficientViMConfig(**preset)
+    else:
+        config = config_from_state_dict(state_dict, image_size)
+        if drop_distillation_head:
+            config.distillation = False
+    model = EfficientViMForImageClassification(config)
+    model.load_state_dict(convert_state_dict(state_dict, config, drop_distillation_head), strict=True)
+    model.eval()
+    model.save_pretrained(output_dir)
+    create_image_processor("efficientvim", config).save_pretrained(output_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="official .pth envelope, timm state dict, or .safetensors")
+    parser.add_argument("output_dir", help="folder to write the save_pretrained model into")
+    parser.add_argument("--variant", help="preset to convert to (M1..M4, M1-dist..M4-dist), checked against the "
+                                          "weights; default: inferred from them")
+    parser.add_argument("--image-size", type=int, help="the image processor's crop (default 224, 256 for M4)")
+    parser.add_argument("--drop-distillation-head", action="store_true",
+                        help="convert a distilled checkpoint to a plain model, dropping heads_dist and weights_dist")
+    args = parser.parse_args(argv)
+    try:
+        model = convert_checkpoint(args.checkpoint, args.output_dir, args.variant, args.image_size,
+                                   args.drop_distillation_head)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    c = model.config
+    print(f"wrote EfficientViM embed_dim {list(c.embed_dim)}, depths {list(c.depths)}, state_dim "
+          f"{list(c.state_dim)}{' with distillation head' if c.distillation else ''}, {c.num_labels} classes, "
+          f"{c.image_size} px ({model.num_parameters():,} parameters) to {args.output_dir}; class names are the "
+          "defaults LABEL_<i> (set config.id2label for ImageNet names)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
