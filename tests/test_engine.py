@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,8 @@ def test_two_processes_share_the_work(method, tmp_path):
     out = tmp_path / "ddp"
     command = get_launch_command(multi_gpu=True, num_processes=2, num_machines=1, mixed_precision="no",
                                  dynamo_backend="no", main_process_port=get_torch_dist_unique_port())
+    # The `accelerate` of this interpreter's environment, whether or not that environment is on PATH.
+    command[0] = str(Path(sys.executable).with_name("accelerate"))
     command += [str(REPO / "training" / "train.py"), method, "--output-dir", str(out), "--epochs", "3",
                 "--no-progress", *small_dataset_args()]
     if method == "efficientvim":  # its schedule needs more epochs than warm-up + cool-down
