@@ -26,7 +26,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
     run = json.loads((output_dir / RUN_FILE).read_text())
     results = json.loads((output_dir / RESULTS_FILE).read_text())
     record = get_method(run["method"])
-    prose_file = MODEL_CARDS_DIR / f"{record.slug}.md"
+    prose_file = MODEL_CARDS_DIR / f"{record.slug.replace('-', '_')}.md"  # named like the method's folder
     if not prose_file.exists():
         raise FileNotFoundError(f"no card prose for {record.slug!r} at {prose_file}")
     model_name = f"{record.slug}-{run['preset']}"

@@ -94,6 +94,20 @@ class MethodRecord:
         }
 
 
+def lazy_exports(package: str, submodules: tuple[str, ...]):
+    """A module `__getattr__` for a method package: its public classes load from `submodules` on first access,
+    so the package (and its record) imports without torch."""
+
+    def __getattr__(name):
+        for submodule in submodules:
+            module = importlib.import_module(f"{package}.{submodule}")
+            if name in module.__all__:
+                return getattr(module, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def _discover() -> dict[str, MethodRecord]:
     """Every `hfpapers.methods.<name>` package that defines `RECORD` is a method."""
     from . import methods

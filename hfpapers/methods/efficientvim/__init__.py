@@ -1,7 +1,7 @@
 """EfficientViM: Efficient Vision Mamba with Hidden State Mixer based State Space Duality
 (Lee, Choi, Kim; CVPR 2025, arXiv 2411.15241)."""
 
-from ...registry import MethodRecord
+from ...registry import MethodRecord, lazy_exports
 
 _MODULE = "hfpapers.methods.efficientvim"
 
@@ -55,12 +55,5 @@ RECORD = MethodRecord(
 )
 
 
-def __getattr__(name):
-    # Exports load lazily: the record above must stay importable without torch.
-    import importlib
-
-    for submodule in ("configuration_efficientvim", "modeling_efficientvim"):
-        module = importlib.import_module(f"{__name__}.{submodule}")
-        if name in module.__all__:
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Exports load lazily: the record above must stay importable without torch.
+__getattr__ = lazy_exports(__name__, ("configuration_efficientvim", "modeling_efficientvim"))

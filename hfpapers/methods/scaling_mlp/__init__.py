@@ -1,6 +1,6 @@
 """Scaling MLPs: A Tale of Inductive Bias (Bachmann, Anagnostidis, Hofmann; NeurIPS 2023, arXiv 2306.13575)."""
 
-from ...registry import MethodRecord
+from ...registry import MethodRecord, lazy_exports
 
 _MODULE = "hfpapers.methods.scaling_mlp"
 
@@ -51,12 +51,5 @@ RECORD = MethodRecord(
 )
 
 
-def __getattr__(name):
-    # Exports load lazily: the record above must stay importable without torch.
-    import importlib
-
-    for submodule in ("configuration_scaling_mlp", "modeling_scaling_mlp"):
-        module = importlib.import_module(f"{__name__}.{submodule}")
-        if name in module.__all__:
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Exports load lazily: the record above must stay importable without torch.
+__getattr__ = lazy_exports(__name__, ("configuration_scaling_mlp", "modeling_scaling_mlp"))
