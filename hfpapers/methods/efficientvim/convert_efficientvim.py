@@ -17,7 +17,6 @@ ImageNet-1k class names are not available offline: the converted config keeps th
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import sys
 from collections import OrderedDict
@@ -25,9 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from ... import checkpoints
 from ...registry import create_image_processor, get_method
 from .configuration_efficientvim import EfficientViMConfig
 from .modeling_efficientvim import EfficientViMForImageClassification
@@ -35,14 +33,11 @@ from .modeling_efficientvim import EfficientViMForImageClassification
 # The official envelope keeps the raw and the EMA weights; timm's filter prefers the EMA ones (they match the
 # paper's top-1), and so do we.
 ENVELOPE_KEYS = ("model_ema", "model", "state_dict")
-# DataParallel / DistributedDataParallel add `module.`, torch.compile adds `_orig_mod.`.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 BASE_PREFIX = "efficientvim."
 DISTILLATION_KEYS = re.compile(r"^(heads_dist\.|weights_dist$)")
 # The channel LayerNorms, (1, C, 1) or (1, C, 1, 1) officially; flattened to (C,) by some re-exports.
 LAYER_NORM_KEYS = re.compile(r"^(stages\.\d+\.blocks\.\d+\.norm|norm\.\d+)\.(weight|bias)$")
 ARCHITECTURE_FIELDS = ("num_channels", "embed_dim", "depths", "state_dim", "mlp_ratio", "num_labels")
-LISTED = 10
 
 
 def unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
@@ -55,32 +50,19 @@ def unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
         if key is None:
             raise ValueError(
                 f"not a state dict, and no state dict under {', '.join(map(repr, ENVELOPE_KEYS))}; "
-                f"top-level keys: {_listing(map(str, obj))}"
+                f"top-level keys: {checkpoints.listing(map(str, obj))}"
             )
         obj = obj[key]
-    state_dict = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        name = key
-        while name.startswith(WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        if name in state_dict:
-            raise ValueError(f"two keys become {name!r} once wrapper prefixes are removed")
-        state_dict[name] = value
-    return state_dict
-
-
-def _listing(names, limit: int = LISTED) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return checkpoints.strip_wrapper_prefixes(obj)
 
 
 def _dim(key: str, axis: int, state_dict: Mapping[str, torch.Tensor]) -> int:
     """Size `axis` of `state_dict[key]`, with an error naming the key when it is absent or has too few dims."""
     if key not in state_dict:
-        raise ValueError(f"not an EfficientViM classifier state dict: no {key!r} (keys: {_listing(state_dict)})")
+        raise ValueError(f"not an EfficientViM classifier state dict: no {key!r} (keys: {checkpoints.listing(state_dict)})")
     if state_dict[key].dim() <= axis:
         raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, expected at least {axis + 1} dims")
     return state_dict[key].shape[axis]
@@ -196,7 +178,7 @@ def convert_state_dict(state_dict, config: EfficientViMConfig,
         else:
             missing.append(key)
     unexpected = state_dict.keys() - expected.keys()
-    problems = [f"{name}: {_listing(keys)}" for name, keys in
+    problems = [f"{name}: {checkpoints.listing(keys)}" for name, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
     if problems:
         raise ValueError("the checkpoint does not match the config: " + "; ".join(problems))
@@ -204,30 +186,12 @@ def convert_state_dict(state_dict, config: EfficientViMConfig,
 
 
 def load_checkpoint(path: str | Path):
-    """Read a checkpoint file: `.safetensors` with safetensors, anything else with `torch.load(weights_only=True)`.
+    """Read a checkpoint file (see `hfpapers.checkpoints.load_checkpoint`).
 
     The official envelopes hold their yacs `CfgNode` config, which weights-only unpickling refuses. We allow that
     one global and build it as an OrderedDict: torch's restricted unpickler fills only exact dict / OrderedDict /
     Counter instances (SETITEMS), so an allow-listed dict subclass would still be refused. No code runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path, device="cpu")
-        with torch.serialization.safe_globals([(OrderedDict, "yacs.config.CfgNode")]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if refused := re.search(r"GLOBAL (\S+) was not an allowed global", str(error)):
-            raise ValueError(
-                f"{path}: weights-only loading refused the global {refused[1]}; only tensors, plain containers and "
-                "the official yacs config load safely. Re-save the state dict alone "
-                "(torch.save(checkpoint['model'])) from a copy you trust"
-            ) from error
-        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise ValueError(f"{path} could not be read with torch.load(weights_only=True): {reason}") from error
-    except (RuntimeError, EOFError, KeyError, SafetensorError) as error:  # what torch / safetensors raise on junk
-        raise ValueError(f"{path} is not a torch.save or safetensors file ({type(error).__name__}: {error})") from error
+    return checkpoints.load_checkpoint(path, allowed_globals=[(OrderedDict, "yacs.config.CfgNode")])
 
 
 def convert_checkpoint(path: str | Path, output_dir: str | Path, variant: str | None = None,
