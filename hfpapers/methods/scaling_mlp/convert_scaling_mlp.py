@@ -142,7 +142,9 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Read the hyper-parameters off the shapes of an official (prefix-free) state dict."""
     for key in ("linear_in.weight", "blocks.0.block.0.weight", "linear_out.weight"):
         if key not in state_dict:
-            raise ValueError(f"not an official BottleneckMLP state dict: no {key!r} (keys: {checkpoints.listing(state_dict)})")
+            raise ValueError(
+                f"not an official BottleneckMLP state dict: no {key!r} (keys: {checkpoints.listing(state_dict)})"
+            )
     hidden_size, input_dim = state_dict["linear_in.weight"].shape
     wide = state_dict["blocks.0.block.0.weight"].shape[0]
     if wide % hidden_size:
