@@ -12,7 +12,9 @@ PatchMerging residuals folded into single depthwise kernels). It then reports:
   background load hits both alike;
 - the GFLOP/s they achieve (2 * MACs * images/s) and their fraction of the fp32 matmul rate measured in the same run
   (median time of a 2048x2048 @ 2048x2048 matmul after warm-up);
-- the max abs difference between the unfused and fused logits on the timed batch (and relative to the largest logit).
+- the max abs difference between the unfused and fused logits on the timed batch (and relative to the largest logit);
+- the median minor page faults per timed forward (unfused / fused), and the share of the machine's CPU time that
+  other processes took during the run: the two things that made timings on a small shared machine vary most.
 
 Weights are random (the official init), with the BatchNorm running statistics and affine parameters and the branch
 gates randomised too, so that `fuse()` folds non-trivial values: the speed of these ops (convs, matmuls,
@@ -20,6 +22,10 @@ element-wise, softmax) does not depend on weight values.
 
     python evaluation/benchmarks/efficientvim_speed.py [--presets M1 M2 M3 M4] [--batch-size 16] [--repeats 15]
         [--warmup 3] [--threads N] [--json results.json]
+
+With glibc's default malloc, freed activation buffers are often handed back to the kernel and faulted in again on
+the next forward, which costs up to ~30% here and changes from run to run. For steady-state numbers prefix the
+command with `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296` (see EFFICIENTVIM.md).
 """
 
 from __future__ import annotations
@@ -119,14 +125,14 @@ def perturb_inference_statistics(model, generator: torch.Generator) -> None:
     """Give every BatchNorm non-trivial running statistics and affine parameters, and the block gates spread-out
     logits. At init the BatchNorms are identities (mean 0, var 1, weight 1, bias 0) and every gate is ~0.5, so
     folding them would be checked only trivially; the op shapes, and so the speed, are unchanged."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             c = module.num_features
             module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
             module.running_var.copy_(torch.empty(c).uniform_(0.5, 2.0, generator=generator))
             module.weight.copy_(torch.empty(c).uniform_(0.5, 1.5, generator=generator))
             module.bias.copy_(0.1 * torch.randn(c, generator=generator))
-        elif hasattr(module, "alpha") and isinstance(module.alpha, torch.nn.Parameter):
+        elif isinstance(getattr(module, "alpha", None), torch.nn.Parameter):  # EfficientViMBlock's 4 gates
             module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
 
 
@@ -175,7 +181,8 @@ def benchmark(preset: str, args, peak_gflops: float) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| preset | input | params | MMACs/img | unfused img/s | fused img/s | fused/unfused "
-              "| unfused GFLOP/s | fused GFLOP/s | unfused/peak | fused/peak | page faults/fwd | max abs logit diff (rel.) |")
+              "| unfused GFLOP/s | fused GFLOP/s | unfused/peak | fused/peak | page faults/fwd "
+              "| max abs logit diff (rel.) |")
     lines = [header, "|" + "---|" * (header.count(" | ") + 1)]
     for r in rows:
         lines.append(
@@ -202,6 +209,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Other processes on these cores skew every number; report how busy the machine was around the run.
     load_before = os.getloadavg()[0]
+    malloc_env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
     start, busy_start, own_start = time.perf_counter(), busy_core_seconds(), own_core_seconds()
     peak = matmul_gflops(args.warmup, args.repeats)
     rows = []
@@ -221,6 +229,7 @@ def main() -> None:
           f"batch {args.batch_size}, eval + inference_mode, median of {args.repeats} timed forwards after "
           f"{args.warmup} warm-up (unfused and fused interleaved); 1-min load average {load_before:.2f} before, "
           f"{load_after:.2f} after; {wall:.0f} s")
+    print(f"malloc environment: {' '.join(malloc_env) if malloc_env else 'glibc defaults (no MALLOC_* variables)'}")
     if background is not None:
         print(f"background: other processes used {100 * background:.1f}% of the machine's CPU time during the run "
               "(a few % already slows these timings; rerun when it is near 0)")
@@ -241,6 +250,7 @@ def main() -> None:
                        "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
                        "matmul_size": MATMUL_SIZE, "matmul_gflops": peak, "load_average_before": load_before,
                        "load_average_after": load_after, "background_cpu_fraction": background,
+                       "malloc_env": malloc_env,
                        "seconds": wall, "rows": rows}, f, indent=2)
 
 
