@@ -60,8 +60,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                           "(default: the method's embedded dataset)")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option of an embedded dataset, e.g. resolution=32 (repeatable)")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
+                        help="read the method's column NAME from the dataset's column SOURCE, e.g. image=img "
+                             "(repeatable)")
     parser.add_argument("--epochs", type=int, dest="num_epochs")
     parser.add_argument("--batch-size", type=int, dest="per_device_train_batch_size", help="per process")
     parser.add_argument("--lr", type=float, dest="learning_rate")
@@ -88,13 +89,26 @@ def cmd_train(args) -> None:
     settings.update(_key_values(args.set, "--set"))
     dataset_kwargs = _key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None
     result = train(args.method, args.output_dir, preset=args.preset, dataset=args.dataset,
-                   dataset_kwargs=dataset_kwargs, image_column=args.image_column, label_column=args.label_column,
+                   dataset_kwargs=dataset_kwargs, columns=_columns(args.column),
                    config_overrides=_key_values(args.config, "--config"), **settings)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         print(json.dumps({"output_dir": args.output_dir, "eval": result.eval_metrics,
                           "train_seconds": round(result.train_seconds, 2)}))
+    state.destroy_process_group()
+
+
+def _columns(pairs: list[str]) -> dict[str, str]:
+    """--column NAME=SOURCE pairs (source names are kept as written)."""
+    out = {}
+    for pair in pairs:
+        name, sep, source = pair.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--column expects NAME=SOURCE, got {pair!r}")
+        out[name] = source
+    return out
 
 
 def cmd_eval(args) -> None:

@@ -82,7 +82,7 @@ class TensorDataset(torch.utils.data.Dataset):
 
 
 class Recipe(ABC):
-    """How a method trains: its hyper-parameters, data preparation, loss, optimiser and metrics.
+    """How a method trains: its hyper-parameters, data preparation, model building, loss, optimiser and metrics.
 
     Subclasses live in `methods/<slug>/recipe.py`. `defaults` holds the method's `TrainingArguments` values;
     `step_rng` passed to `compute_loss` is seeded from (seed, process, micro-step), so random augmentation
@@ -93,9 +93,19 @@ class Recipe(ABC):
     defaults: dict[str, Any] = {}
     preset_defaults: dict[str, dict[str, Any]] = {}  # per preset, e.g. CPU-sized arguments for "tiny"
     metric: str = "accuracy"  # the headline eval metric (for the card and the zoo index)
+    columns: tuple[str, ...] = ()  # the dataset columns `prepare_dataset` reads
+    processor_class: str = "AutoProcessor"  # the transformers Auto class that reloads the saved processor
     epoch: int = 0
     num_epochs: int = 1
     ema_model: torch.nn.Module | None = None
+
+    def build_model(self, slug: str, preset: str, datasets, config_overrides: dict[str, Any],
+                    args: TrainingArguments):
+        """The model to train and its processor (None for none), for `datasets` ("train"/"test")."""
+        from .registry import create_model, create_processor
+
+        model = create_model(slug, preset, **config_overrides)
+        return model, create_processor(slug, model.config)
 
     def build_scheduler(self, optimizer, args: TrainingArguments, total_steps: int, steps_per_epoch: int):
         """The learning-rate schedule, stepped once per optimiser step."""
@@ -108,6 +118,9 @@ class Recipe(ABC):
     def prepare_dataset(self, dataset, processor) -> torch.utils.data.Dataset:
         """One split of a `datasets.Dataset` as a torch dataset whose items `collate` batches."""
 
+    def check_eval_dataset(self, model, dataset) -> None:
+        """Raise when a dataset cannot evaluate `model` (e.g. other labels); called by `evaluate_folder`."""
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return torch.utils.data.default_collate(examples)
 
@@ -116,6 +129,13 @@ class Recipe(ABC):
 
     def compute_loss(self, model, batch: dict, step_rng: torch.Generator) -> torch.Tensor:
         return model(**batch).loss
+
+    def backward(self, accelerator, model, batch: dict, step_rng: torch.Generator) -> torch.Tensor:
+        """One micro-batch's gradients; returns its loss (for logging). Override for losses that need their
+        own backward schedule (e.g. a gradient cache)."""
+        loss = self.compute_loss(model, batch, step_rng)
+        accelerator.backward(loss)
+        return loss.detach()
 
     @abstractmethod
     def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
@@ -129,11 +149,27 @@ class Recipe(ABC):
 class ImageClassificationRecipe(Recipe):
     """Images through the model's image processor once, up front; accuracy and loss on the test split."""
 
+    columns = ("image", "label")
+    processor_class = "AutoImageProcessor"
+
+    def build_model(self, slug: str, preset: str, datasets, config_overrides: dict[str, Any],
+                    args: TrainingArguments):
+        names = datasets["train"].features["label"].names
+        labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                  "label2id": {n: i for i, n in enumerate(names)}}
+        return super().build_model(slug, preset, datasets, {**labels, **config_overrides}, args)
+
     def prepare_dataset(self, dataset, processor) -> TensorDataset:
         return TensorDataset(
             pixel_values=torch.as_tensor(processor(list(dataset["image"]), return_tensors="np")["pixel_values"]),
             labels=torch.as_tensor(list(dataset["label"])),
         )
+
+    def check_eval_dataset(self, model, dataset) -> None:
+        names = dataset.features["label"].names
+        if names != [model.config.id2label[i] for i in range(len(model.config.id2label))]:
+            raise ValueError(f"the dataset's labels {names} differ from the model's "
+                             f"{list(model.config.id2label.values())}")
 
     def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(pixel_values=batch["pixel_values"]).logits
@@ -226,8 +262,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             step_rng = torch.Generator().manual_seed(
                 (args.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + micro_step)
             with accelerator.accumulate(model):
-                loss = recipe.compute_loss(model, batch, step_rng)
-                accelerator.backward(loss)
+                loss = recipe.backward(accelerator, model, batch, step_rng)
                 if accelerator.sync_gradients and args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -244,7 +279,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             step = state["global_step"]
             if step % args.log_every_steps == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch + state["batches_done"] / len(train_dl),
-                          "loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
+                          "loss": accelerator.reduce(loss, "mean").item(), "lr": scheduler.get_last_lr()[0]}
                 _log(accelerator, output_dir, state, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if args.checkpoint_every_steps and step % args.checkpoint_every_steps == 0:
@@ -271,8 +306,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
         if processor is not None:
             processor.save_pretrained(output_dir)
         plot_curves(state["history"], output_dir / CURVES_FILE, recipe.metric)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # the process group stays up: multi-stage runs call fit more than once
     return result
 
 
@@ -359,13 +393,13 @@ def train(
     preset: str | None = None,
     dataset: str | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
+    columns: dict[str, str] | None = None,
     config_overrides: dict[str, Any] | None = None,
     **settings: Any,
 ) -> FitResult:
     """Train a registered method end to end: data, model, fit, then config + safetensors + card in output_dir.
 
+    `columns` maps the recipe's column names onto a non-embedded dataset's (e.g. {"image": "img"}).
     `settings` are `TrainingArguments` fields or fields of the method's recipe (label smoothing, ...); they
     override the recipe's `defaults` and its `preset_defaults` for `preset`.
     """
@@ -373,10 +407,11 @@ def train(
     from accelerate.utils import set_seed
 
     from . import cards, data
-    from .registry import create_image_processor, create_model, get_method
+    from .registry import get_method
 
     record = get_method(slug)
     preset = preset or record.default_preset
+    record.preset(preset)  # an unknown preset fails before any data is built
     recipe_class = record.load(record.recipe)
     settings = {**recipe_class.defaults, **recipe_class.preset_defaults.get(preset, {}), **settings}
     recipe_fields = [f.name for f in fields(recipe_class)] if is_dataclass(recipe_class) else []
@@ -389,17 +424,14 @@ def train(
     dataset = dataset or record.dataset
     if dataset_kwargs is None:
         dataset_kwargs = dict(record.dataset_kwargs) if dataset == record.dataset else {}
-    datasets = data.load(dataset, image_column=image_column, label_column=label_column, seed=args.seed,
-                         **dataset_kwargs)
-    names = datasets["train"].features["label"].names
+    columns = dict(columns or {})
+    datasets = data.load(dataset, required=recipe.columns, columns=columns, seed=args.seed, **dataset_kwargs)
     set_seed(args.seed)  # the same initial weights for the same seed, resumed or not
-    model = create_model(slug, preset, num_labels=len(names), id2label=dict(enumerate(names)),
-                         label2id={n: i for i, n in enumerate(names)}, **(config_overrides or {}))
-    processor = create_image_processor(slug, model.config)
+    model, processor = recipe.build_model(slug, preset, datasets, dict(config_overrides or {}), args)
     result = fit(model, datasets, recipe, args, processor)
     if PartialState().is_main_process:
         run = {"method": slug, "preset": preset, "dataset": dataset, "dataset_kwargs": dataset_kwargs,
-               "image_column": image_column, "label_column": label_column, "training_arguments": asdict(args),
+               "columns": columns, "training_arguments": asdict(args),
                "recipe": asdict(recipe) if is_dataclass(recipe) else {},
                "num_processes": PartialState().num_processes}
         Path(output_dir, RUN_FILE).write_text(json.dumps(run, indent=2))
@@ -441,13 +473,10 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
     import transformers
 
     model = getattr(transformers, record.head_auto_class).from_pretrained(folder)
-    processor = transformers.AutoImageProcessor.from_pretrained(folder) if record.image_processor else None
     recipe = record.load(record.recipe)()
-    test = data.load(dataset, image_column=run.get("image_column", "image"),
-                     label_column=run.get("label_column", "label"), **dataset_kwargs)["test"]
-    names = test.features["label"].names
-    if names != [model.config.id2label[i] for i in range(len(model.config.id2label))]:
-        raise ValueError(f"the dataset's labels {names} differ from the model's {list(model.config.id2label.values())}")
+    processor = getattr(transformers, recipe.processor_class).from_pretrained(folder) if record.processor else None
+    test = data.load(dataset, required=recipe.columns, columns=run.get("columns"), **dataset_kwargs)["test"]
+    recipe.check_eval_dataset(model, test)
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     eval_dl = torch.utils.data.DataLoader(recipe.prepare_dataset(test, processor), collate_fn=recipe.collate,
                                           batch_size=256)

@@ -47,7 +47,7 @@ class MethodRecord:
     weights_license: str  # license of the official weights
     bibtex: str
     time_budget_s: int  # wall-clock budget of the default preset in `hfpapers zoo build`
-    image_processor: str | None = None  # dotted path of a function config -> image processor
+    processor: str | None = None  # dotted path of a function config -> image processor or tokenizer
     pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
     status: str = "complete"
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
@@ -166,12 +166,12 @@ def create_model(slug: str, preset: str | None = None, *, head: str | None = Non
     return record.load(record.model_classes[head])(config)
 
 
-def create_image_processor(slug: str, config):
-    """The method's image processor, sized for `config` (None for methods without one)."""
+def create_processor(slug: str, config):
+    """The method's processor (image processor or tokenizer) for `config` (None for methods without one)."""
     record = get_method(slug)
-    if record.image_processor is None:
+    if record.processor is None:
         return None
-    return record.load(record.image_processor)(config)
+    return record.load(record.processor)(config)
 
 
 _registered = False
@@ -229,14 +229,16 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
     Importing our model classes needs torch (seconds); deferring registration to the moment transformers'
     Auto classes are imported keeps `import hfpapers` fast while `AutoModel*.from_pretrained` and
-    `pipeline(...)` still see every method.
+    `pipeline(...)` still see every method. Method modules are watched too: when one of them imports the
+    Auto classes, registration waits until it has finished importing (it would otherwise read it half-done).
     """
 
     def __init__(self):
         self._pending: set[str] = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _TRIGGERS or fullname in self._pending:
+        watched = fullname in _TRIGGERS or fullname.startswith(_METHODS_PREFIX)
+        if not watched or fullname in self._pending:
             return None
         self._pending.add(fullname)
         try:
@@ -250,23 +252,31 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             original_exec(module)
-            _register_when_idle(just_imported=fullname)
+            if fullname in _TRIGGERS or _deferred:
+                _register_when_idle(just_imported=fullname)
 
         loader.exec_module = exec_module
         return spec
 
 
+_METHODS_PREFIX = "hfpapers.methods."
+_deferred = False  # a trigger fired while a module that registration reads was still importing
+
+
 def _register_when_idle(just_imported: str) -> None:
-    # A trigger may finish while another transformers module is still half-imported (e.g. `pipelines`
-    # importing `modeling_auto`); registering then could import that module half-done, so wait for the
-    # trigger that completes last.
+    # A trigger may finish while another transformers module, or one of our method modules, is still
+    # half-imported (e.g. `pipelines` importing `modeling_auto`, or a method's configuration importing
+    # `AutoConfig`); registering then could read that module half-done, so wait for the last one to finish.
     # (`just_imported` itself is still flagged as initialising until its loader returns.)
-    if not any(
-        name.startswith("transformers")
+    global _deferred
+    busy = any(
+        name.startswith(("transformers", _METHODS_PREFIX))
         and name != just_imported
         and getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
-    ):
+    )
+    _deferred = busy
+    if not busy:
         register_with_transformers()
 
 

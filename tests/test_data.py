@@ -65,5 +65,5 @@ def test_local_imagefolder_with_column_mapping(tmp_path):
     data = load(str(tmp_path), test_size=0.5)
     assert data["train"].features["label"].names == ["cat", "dog"]
     assert len(data["train"]) == len(data["test"]) == 4
-    with pytest.raises(ValueError, match=r"no column\(s\) \['picture'\].*--image-column"):
-        load(str(tmp_path), image_column="picture")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['picture'\].*--column NAME=SOURCE"):
+        load(str(tmp_path), columns={"image": "picture"})

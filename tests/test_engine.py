@@ -88,7 +88,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     from hfpapers.data import load
     from hfpapers.engine import TrainingArguments, fit
     from hfpapers.methods.scaling_mlp.recipe import ScalingMLPRecipe
-    from hfpapers.registry import create_image_processor
+    from hfpapers.registry import create_processor
 
     import hfpapers
 
@@ -102,7 +102,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         args = TrainingArguments(output_dir=str(tmp_path / f"b{batch}"), num_epochs=1, learning_rate=0.1,
                                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                                  progress_bar=False)
-        fit(model, data, recipe, args, create_image_processor("scaling-mlp", model.config))
+        fit(model, data, recipe, args, create_processor("scaling-mlp", model.config))
         weights.append(model.state_dict())
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)

@@ -82,9 +82,9 @@ def test_hidden_states_and_loss():
 
 def test_image_processor_resizes_and_normalises_like_the_paper():
     from hfpapers.methods.scaling_mlp import ScalingMLPConfig
-    from hfpapers.registry import create_image_processor
+    from hfpapers.registry import create_processor
 
-    processor = create_image_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
+    processor = create_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     got = processor(Image.fromarray(rgb), return_tensors="pt")["pixel_values"][0]
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as the official code
@@ -157,11 +157,11 @@ def test_bad_config_values_are_rejected():
 
 def test_saved_folder_loads_as_remote_code_without_hfpapers(tmp_path):
     """The saved folder carries its modeling files and auto_map: a user without hfpapers loads it."""
-    from hfpapers.registry import create_image_processor
+    from hfpapers.registry import create_processor
 
     model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
     model.save_pretrained(tmp_path)
-    create_image_processor("scaling-mlp", model.config).save_pretrained(tmp_path)
+    create_processor("scaling-mlp", model.config).save_pretrained(tmp_path)
     x = torch.randn(2, 3, 16, 16)
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "expected.npy", model(pixel_values=x).logits.detach().numpy())

@@ -1,26 +1,28 @@
 """Datasets: embedded ones built locally and deterministically, or any Hub id / local folder.
 
 Every loader returns a `datasets.DatasetDict` with "train" and "test" splits and, for image classification,
-the columns "image" (PIL) and "label" (a `ClassLabel`).
+the columns "image" (PIL) and "label" (a `ClassLabel`); for text embedding, "query", "positive" and
+"negative" strings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .images import build_digits, build_shapes
+from .text import build_triplets
 
-EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes}
+EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes, "triplets": build_triplets}
 
-__all__ = ["EMBEDDED", "build_digits", "build_shapes", "load"]
+__all__ = ["EMBEDDED", "build_digits", "build_shapes", "build_triplets", "load"]
 
 
 def load(
     name: str,
     *,
-    image_column: str = "image",
-    label_column: str = "label",
+    required: tuple[str, ...] = ("image", "label"),
+    columns: Mapping[str, str] | None = None,
     test_split: str | None = None,
     test_size: float = 0.2,
     seed: int = 0,
@@ -28,33 +30,42 @@ def load(
 ):
     """An embedded dataset by name, or `datasets.load_dataset(name)` for a Hub id or local folder.
 
-    `image_column` / `label_column` map the source's columns onto "image" / "label". A source without a
-    test split gets one carved out of "train" (`test_size`, seeded), since every method evaluates each epoch.
+    `required` are the columns the caller reads; `columns` maps them onto the source's names
+    ({"image": "img"}). A source without a test split gets one carved out of "train" (`test_size`, seeded,
+    stratified when there is a "label" column), since every method evaluates each epoch.
     """
     import datasets
 
+    columns = dict(columns or {})
     if name in EMBEDDED:
+        if columns:
+            raise TypeError(f"column mapping only applies to Hub or local datasets, not embedded {name!r}")
         return EMBEDDED[name](seed=seed, **builder_kwargs)
     if builder_kwargs:
         raise TypeError(f"options {sorted(builder_kwargs)} only apply to embedded datasets ({', '.join(EMBEDDED)})")
+    unknown = set(columns) - set(required)
+    if unknown:
+        raise ValueError(f"cannot map column(s) {sorted(unknown)}: this method reads {list(required)}")
     source = str(Path(name)) if Path(name).exists() else name
-    if Path(source).is_dir() and not any(Path(source).glob("*.py")):
+    if Path(source).is_dir() and not any(Path(source).glob("*.py")) and "image" in required:
         loaded = datasets.load_dataset("imagefolder", data_dir=source)
     else:
         loaded = datasets.load_dataset(source)
     if "train" not in loaded:
         raise ValueError(f"dataset {name!r} has no 'train' split; splits found: {list(loaded)}")
+    sources = {column: columns.get(column, column) for column in required}
     for split in loaded.values():
-        missing = [c for c in (image_column, label_column) if c not in split.column_names]
+        missing = [c for c in sources.values() if c not in split.column_names]
         if missing:
             raise ValueError(
                 f"dataset {name!r} has no column(s) {missing}; columns: {split.column_names}. "
-                "Map yours with --image-column / --label-column"
+                "Map yours with --column NAME=SOURCE"
             )
-    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    renames = {old: new for new, old in sources.items() if old != new}
     loaded = loaded.rename_columns(renames) if renames else loaded
     eval_split = test_split or next((s for s in ("test", "validation") if s in loaded), None)
     if eval_split is None:
-        parts = loaded["train"].train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+        stratify = "label" if "label" in required else None
+        parts = loaded["train"].train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
         return datasets.DatasetDict(train=parts["train"], test=parts["test"])
     return datasets.DatasetDict(train=loaded["train"], test=loaded[eval_split])

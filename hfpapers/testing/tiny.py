@@ -11,6 +11,13 @@ def tiny_inputs(task: str, config, batch_size: int = 3, seed: int = 0) -> dict[s
     if task == "image-classification":
         shape = (batch_size, config.num_channels, config.image_size, config.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
+    if task == "sentence-embedding":  # left-padded token ids ending in EOS, rows of different lengths
+        length = min(8, config.max_length)
+        input_ids = torch.randint(4, config.decoder_config.vocab_size, (batch_size, length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        for row in range(batch_size):
+            attention_mask[row, : row % (length - 1)] = 0
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
     raise ValueError(f"no tiny inputs for task {task!r}; add them to hfpapers.testing.tiny")
 
 
@@ -18,4 +25,6 @@ def wrong_inputs(task: str, config, batch_size: int = 2) -> dict[str, torch.Tens
     """Inputs of a wrong shape, which a model must reject with an error naming the expected shape."""
     if task == "image-classification":
         return {"pixel_values": torch.randn(batch_size, config.num_channels, config.image_size + 1, config.image_size)}
+    if task == "sentence-embedding":
+        return {"input_ids": torch.ones(batch_size, config.max_length + 1, dtype=torch.long)}
     raise ValueError(f"no wrong inputs for task {task!r}; add them to hfpapers.testing.tiny")

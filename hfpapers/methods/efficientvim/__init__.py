@@ -29,7 +29,7 @@ RECORD = MethodRecord(
         "AutoModel": f"{_MODULE}.modeling_efficientvim.EfficientViMModel",
         "AutoModelForImageClassification": f"{_MODULE}.modeling_efficientvim.EfficientViMForImageClassification",
     },
-    image_processor=f"{_MODULE}.image_processing_efficientvim.build_image_processor",
+    processor=f"{_MODULE}.image_processing_efficientvim.build_image_processor",
     presets=_PRESETS,
     default_preset="tiny",
     paper_presets=("M1", "M2", "M3", "M4"),

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ... import checkpoints
-from ...registry import create_image_processor, get_method
+from ...registry import create_processor, get_method
 from .configuration_efficientvim import EfficientViMConfig
 from .modeling_efficientvim import EfficientViMForImageClassification
 
@@ -218,7 +218,7 @@ def convert_checkpoint(path: str | Path, output_dir: str | Path, variant: str | 
     model.load_state_dict(convert_state_dict(state_dict, config, drop_distillation_head), strict=True)
     model.eval()
     model.save_pretrained(output_dir)
-    create_image_processor("efficientvim", config).save_pretrained(output_dir)
+    create_processor("efficientvim", config).save_pretrained(output_dir)
     return model
 
 

@@ -20,7 +20,7 @@ RECORD = MethodRecord(
         "AutoModel": f"{_MODULE}.modeling_scaling_mlp.ScalingMLPModel",
         "AutoModelForImageClassification": f"{_MODULE}.modeling_scaling_mlp.ScalingMLPForImageClassification",
     },
-    image_processor=f"{_MODULE}.image_processing_scaling_mlp.build_image_processor",
+    processor=f"{_MODULE}.image_processing_scaling_mlp.build_image_processor",
     presets={
         "tiny": {"image_size": 16, "num_channels": 3, "num_blocks": 2, "hidden_size": 128, "expansion_factor": 4},
         "B_6-Wi_512": {**_PAPER, "num_blocks": 6, "hidden_size": 512},
