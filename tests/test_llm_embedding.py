@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 import hfpapers
+from conftest import REPO, read_json
 from hfpapers.methods.llm_embedding import ARMS
 from hfpapers.methods.llm_embedding.configuration_llm_embedding import LLMEmbeddingConfig, TrainablePoolerConfig
 from hfpapers.methods.llm_embedding.modeling_llm_embedding import LLMEmbeddingModel, TrainablePooler, tokenize
@@ -364,3 +365,197 @@ def test_remote_code_checkpoint_loads_without_hfpapers(tmp_path):
             f"print(torch.equal(m(input_ids=d['ids'], attention_mask=d['mask']).embeddings, d['expected']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def lookup(table: dict):
+    """An embed function from a fixed text -> vector table (normalised)."""
+    import numpy as np
+
+    def embed(texts):
+        vectors = np.array([table[t] for t in texts], dtype=float)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    return embed
+
+
+def test_retrieval_scores_on_a_hand_ranked_example():
+    from hfpapers.methods.llm_embedding.metrics import retrieval_scores
+
+    # Query q1's relevant document d2 ranks second (after d1), q2's relevant d3 ranks first.
+    embed = lookup({"q1": [1, 0, 0], "q2": [0, 0, 1], "d1": [1, 0, 0], "d2": [0.8, 0.6, 0], "d3": [0, 0.1, 1]})
+    scores = retrieval_scores(embed, ["q1", "q2"], ["d1", "d2", "d3"], [[1], [2]])
+    import math
+
+    assert scores["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert scores["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+
+
+def test_sts_classification_and_clustering_on_hand_made_embeddings():
+    import numpy as np
+
+    from hfpapers.methods.llm_embedding.metrics import (
+        classification_accuracy, clustering_v_measure, sts_spearman,
+    )
+
+    # Cosines of the pairs are 1, 0.8, 0 (in that order); gold scores in the same order -> Spearman 1,
+    # reversed -> -1.
+    embed = lookup({"a": [1, 0], "b": [1, 0], "c": [0.8, 0.6], "d": [0, 1]})
+    assert sts_spearman(embed, ["a", "a", "a"], ["b", "c", "d"], [5, 3, 1]) == pytest.approx(1.0)
+    assert sts_spearman(embed, ["a", "a", "a"], ["b", "c", "d"], [1, 3, 5]) == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 5
+    texts = [f"t{i}" for i in range(60)]
+    labels = [i % 3 for i in range(60)]
+    embed = lookup({t: centres[y] + rng.normal(size=3) * 0.1 for t, y in zip(texts, labels)})
+    assert classification_accuracy(embed, texts, labels) == 1.0
+    assert clustering_v_measure(embed, texts, labels) == pytest.approx(1.0)
+    shuffled = list(rng.permutation(labels))
+    assert clustering_v_measure(embed, texts, shuffled) < 0.2
+
+
+def test_paired_wilcoxon_table_stars_only_a_consistent_difference():
+    from hfpapers.methods.llm_embedding.metrics import format_table, paired_comparison
+
+    names = [f"d{i}" for i in range(6)]
+    base = {"sts": {n: 0.5 for n in names}, "retrieval": {n: 0.4 for n in names}}
+    # sts: +0.01 on all six datasets -> exact two-sided p = 2 / 2**6; retrieval: mixed signs -> not significant.
+    better = {"sts": {n: 0.51 for n in names},
+              "retrieval": {n: 0.4 + d for n, d in zip(names, [0.02, -0.03, 0.01, -0.01, 0.03, -0.02])}}
+    comparison = paired_comparison(base, better)
+    assert comparison["sts"][0] == pytest.approx(0.01) and comparison["sts"][1] == pytest.approx(2 / 64)
+    assert comparison["sts"][2] and not comparison["retrieval"][2]
+    table = format_table({"model-1": base, "model-5": better}, baseline="model-1")
+    assert "| model-1 (absolute) | 0.5000 | 0.4000 |" in table
+    assert "| model-5 (Δ) | +0.0100* | +0.0000 |" in table
+
+
+def test_embedded_text_data_is_deterministic_and_answerable():
+    from hfpapers.data import load
+    from hfpapers.data.text import FACTS, build_eval_suite, build_word_tokenizer
+
+    a = load("triplets", num_train=50, num_test=10)
+    assert a["train"].to_list() == load("triplets", num_train=50, num_test=10)["train"].to_list()
+    assert a["train"].to_list() != load("triplets", num_train=50, num_test=10, seed=1)["train"].to_list()
+    # Every positive states the fact kind the query asks about; the tokenizer knows every word.
+    kind_words = {kind: {w for values in FACTS[kind] for v in values for w in v.split()} for kind in FACTS}
+    tokenizer = build_word_tokenizer()
+    for row in a["train"]:
+        assert row["positive"] != row["negative"]
+        for text in row.values():
+            assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+        asked = [k for k, words in kind_words.items() if set(row["positive"].split()) & words]
+        assert asked
+    suite = build_eval_suite(sets_per_category=2, size=16)
+    assert {k: len(v) for k, v in suite.items()} == {"sts": 2, "classification": 2, "retrieval": 2,
+                                                     "clustering": 2}
+    retrieval = suite["retrieval"][0]
+    assert all(0 <= i < len(retrieval["corpus"]) for gold in retrieval["relevant"] for i in gold)
+
+
+# ---------------------------------------------------------------- conversion of official checkpoints
+
+
+def official_artifacts(tmp_path, arm, model):
+    """What the official trainer writes for `model`'s architecture: a peft adapter folder with official key
+    names and an `attn_pool.pt` holding the PerceiverResampler's state dict (32 layer rows, as the official
+    code allocates), filled with random values."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hfpapers.methods.llm_embedding.convert_llm_embedding import POOLER_KEYS
+
+    torch.manual_seed(1)
+    adapter = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" in name:  # decoder.layers.0.self_attn.q_proj.lora_A.default.weight
+            module, ab = name[len("decoder."):].split(".lora_")
+            adapter[f"base_model.model.{module}.lora_{ab.split('.')[0]}.weight"] = torch.randn_like(tensor)
+    folder = tmp_path / arm
+    folder.mkdir()
+    save_file(adapter, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": model.config.lora_r, "lora_alpha": model.config.lora_alpha, "lora_dropout": 0.1,
+         "target_modules": list(model.config.lora_target_modules), "peft_type": "LORA"}))
+    pooler = {}
+    if model.pooler is not None:
+        ours = dict(model.pooler.state_dict())
+        for official, mine in POOLER_KEYS.items():
+            if mine == "layer_embedding.weight":
+                if model.pooler.layer_embedding is not None:
+                    pooler[official] = torch.randn(32, ours[mine].shape[1])
+            else:
+                pooler[official] = torch.randn_like(ours[mine])
+        torch.save(pooler, folder / "attn_pool.pt")
+    return folder, adapter, pooler
+
+
+@pytest.mark.parametrize("arm", ["model-1", "model-5"])
+def test_official_adapter_and_pooler_convert_with_every_key(arm, tmp_path):
+    from hfpapers.data.text import build_word_tokenizer
+    from hfpapers.methods.llm_embedding.convert_llm_embedding import convert
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    decoder = AutoModel.from_config(hfpapers.create_model("llm-embedding", "tiny").config.decoder_config)
+    decoder.save_pretrained(base)
+    build_word_tokenizer().save_pretrained(base)
+    template = hfpapers.create_model("llm-embedding", f"tiny-{arm}")
+    folder, adapter, pooler = official_artifacts(tmp_path, arm, template)
+    pooler_config = template.config.pooler_config.to_dict() if template.pooler is not None else None
+    converted = convert(str(folder), str(tmp_path / "out"), str(base), arm, pooler_config=pooler_config,
+                        max_length=template.config.max_length)
+    state = converted.state_dict()
+    for key, tensor in adapter.items():
+        ours = "decoder." + key[len("base_model.model."):].replace(".weight", ".default.weight")
+        assert torch.equal(state[ours], tensor), key
+    if pooler:
+        assert torch.equal(state["pooler.latents"], pooler["latents"])
+        assert torch.equal(state["pooler.cross_attention.to_kv.weight"], pooler["cross_attend_blocks.0.fn.to_kv.weight"])
+        assert torch.equal(state["pooler.layer_embedding.weight"], pooler["pos_emb.weight"][:4])
+    assert torch.equal(state["decoder.embed_tokens.weight"], decoder.state_dict()["embed_tokens.weight"])
+    reloaded = AutoModel.from_pretrained(tmp_path / "out").eval()
+    ids, mask = left_pad(rows([3, 5]))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).embeddings,
+                                   converted.eval()(input_ids=ids, attention_mask=mask).embeddings)
+
+
+def test_an_unknown_official_key_stops_the_conversion():
+    from hfpapers.methods.llm_embedding.convert_llm_embedding import (
+        convert_lora_state_dict, convert_pooler_state_dict,
+    )
+
+    with pytest.raises(ValueError, match="attn_pool keys with no mapping: cross_attend_blocks.2.fn.weight"):
+        convert_pooler_state_dict({"latents": torch.zeros(2, 2), "cross_attend_blocks.2.fn.weight": torch.zeros(1)},
+                                  None)
+    with pytest.raises(ValueError, match="not LoRA A/B weights: base_model.model.score.weight"):
+        convert_lora_state_dict({"base_model.model.score.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- the small-scale reproduction
+
+
+def test_reproduction_trains_the_five_arms_and_tabulates_them(tmp_path):
+    """The reproduction at a smaller size: every arm trains from the same warmed-up decoder, reloads, and the
+    table's baseline row is the mean of its per-dataset scores."""
+    sys.path.insert(0, str(REPO / "evaluation" / "reproduce"))
+    from llm_embedding_arms import reproduce
+
+    results, table = reproduce(str(tmp_path), sets_per_category=2, suite_size=16,
+                               dataset_kwargs={"num_train": 96, "num_test": 32}, num_epochs=1, pretrain_epochs=1,
+                               per_device_train_batch_size=16)
+    assert list(results) == list(ARMS)
+    base = read_json(tmp_path / "model-1" / "config.json")["base_model_name_or_path"]
+    for arm in ARMS:
+        assert {k: len(v) for k, v in results[arm].items()} == {"sts": 2, "classification": 2, "retrieval": 2,
+                                                               "clustering": 2}
+        config = read_json(tmp_path / arm / "config.json")
+        assert config["base_model_name_or_path"] == base and (config["pooling"], config["attention"]) == tuple(
+            ARMS[arm].values())
+    sts = sum(results["model-1"]["sts"].values()) / 2
+    assert f"| model-1 (absolute) | {sts:.4f} |" in table
+    assert sum(line.startswith("| model-") and "(Δ)" in line for line in table.splitlines()) == 4

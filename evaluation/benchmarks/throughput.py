@@ -185,6 +185,9 @@ def main() -> None:
     for record in hfpapers.list_methods():
         if args.methods and record.slug not in args.methods:
             continue
+        if record.task != "image-classification":  # its own benchmark: llm_embedding_pooler.py
+            skipped.append(f"{record.slug}: not an image model")
+            continue
         presets = [p for p in args.presets if p in record.presets] if args.presets else record.paper_presets
         for preset in presets:
             try:

@@ -210,6 +210,23 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             embeddings = self.pooler(pooler_inputs, attention_mask if every_token else None)
         return LLMEmbeddingOutput(embeddings=embeddings, last_hidden_state=states, pooler_inputs=pooler_inputs)
 
+    @torch.no_grad()
+    def encode(self, texts: list[str], tokenizer, batch_size: int = 64, instruction: str = "",
+               truncation: bool = False) -> torch.Tensor:
+        """Embeddings (len(texts), dim) of `texts`, in batches; `instruction` is prepended without a separator
+        (as the official evaluation prepends its task instructions)."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("texts must be a non-empty list of strings")
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenize(tokenizer, [instruction + t for t in texts[start:start + batch_size]],
+                             self.config.max_length, truncation)
+            chunks.append(self(**{k: v.to(self.device) for k, v in batch.items()}).embeddings.float().cpu())
+        self.train(was_training)
+        return torch.cat(chunks)
+
 
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens: states (batch, seq, hidden), mask (batch, seq) -> (batch, hidden)."""

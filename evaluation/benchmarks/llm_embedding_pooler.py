@@ -1,0 +1,160 @@
+"""Cost of each pooling arm of "Pooling And Attention" relative to the base decoder's forward pass.
+
+For every arm (Model 1-5) the full embedding forward is timed against the forward of the same decoder with
+pooler-free pooling under the same attention (EOS for causal, mean for bidirectional): the difference is what
+the arm's pooling adds. The pooler alone is timed and counted too (FlopCounterMode: matmul-like ops only).
+The paper-size pooler (768 latents, 32 heads x 2048) is used as the official code builds it at the decoder's
+width. No LoRA (it is merged for inference). Random weights: speed does not depend on their values.
+
+    python evaluation/benchmarks/llm_embedding_pooler.py [--decoder qwen2-0.5b] [--sequence-length 512]
+        [--batch-size 1] [--dtype float32] [--repeats 3] [--threads N] [--flops-only mistral-7b] [--json out.json]
+
+`--flops-only mistral-7b` adds FLOP counts (no timing) at the paper's main size, built on the meta device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import hfpapers
+from hfpapers.methods.llm_embedding import ARMS
+
+PLAIN = {"causal": "eos", "bidirectional": "mean"}  # the pooler-free reference for each attention
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_gflops(fn) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def build(decoder: str, pooling: str, attention: str, dtype):
+    model = hfpapers.create_model("llm-embedding", f"{decoder}-model-1", pooling=pooling, attention=attention,
+                                  lora_r=0, max_length=1 << 20)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def inputs(model, batch_size: int, length: int, device=None):
+    vocab = model.config.decoder_config.vocab_size
+    ids = torch.randint(vocab, (batch_size, length), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def measure(decoder: str, args, dtype) -> list[dict]:
+    rows, reference_s = [], {}
+    for attention in ("causal", "bidirectional"):
+        model = build(decoder, PLAIN[attention], attention, dtype)
+        batch = inputs(model, args.batch_size, args.sequence_length)
+        with torch.no_grad():
+            reference_s[attention] = median_seconds(lambda: model(**batch), args.repeats)
+            reference_gflops = count_gflops(lambda: model(**batch))
+        rows.append({"arm": f"decoder + {PLAIN[attention]} ({attention})", "seconds": reference_s[attention],
+                     "gflops": reference_gflops})
+        del model
+        gc.collect()
+    for arm, values in ARMS.items():
+        model = build(decoder, values["pooling"], values["attention"], dtype)
+        batch = inputs(model, args.batch_size, args.sequence_length)
+        with torch.no_grad():
+            total_s = median_seconds(lambda: model(**batch), args.repeats)
+            states = model(**batch).pooler_inputs
+            row = {"arm": arm, "seconds": total_s, "gflops": count_gflops(lambda: model(**batch)),
+                   "pooler_inputs": list(states.shape[1:])}
+            if model.pooler is not None:
+                mask = batch["attention_mask"] if states.shape[1] == args.sequence_length else None
+                row["pooler_seconds"] = median_seconds(lambda: model.pooler(states, mask), args.repeats)
+                row["pooler_gflops"] = count_gflops(lambda: model.pooler(states, mask))
+                row["pooler_params"] = sum(p.numel() for p in model.pooler.parameters())
+        reference = reference_s[values["attention"]]
+        row["overhead"] = (total_s - reference) / reference
+        rows.append(row)
+        del model
+        gc.collect()
+    return rows
+
+
+def flops_only(decoder: str, args) -> list[dict]:
+    """FLOPs of the decoder and of each arm's pooler at `decoder` size, counted on the meta device (no mask:
+    every token is real, as in the timed runs)."""
+    rows = []
+    for arm, values in ARMS.items():
+        with torch.device("meta"), torch.no_grad():
+            model = build(decoder, values["pooling"], values["attention"], torch.float32)
+            ids = torch.zeros(args.batch_size, args.sequence_length, dtype=torch.long)
+            decoder_gflops = count_gflops(lambda: model.decoder(input_ids=ids))
+            pooler_gflops = 0.0
+            if model.pooler is not None:
+                hidden = model.config.decoder_config.hidden_size
+                n = {"trainable": 1 if values["attention"] == "causal" else args.sequence_length,
+                     "multi_layer_trainable": model.config.decoder_config.num_hidden_layers}[values["pooling"]]
+                states = torch.zeros(args.batch_size, n, hidden)
+                pooler_gflops = count_gflops(lambda: model.pooler(states))
+        rows.append({"arm": arm, "decoder_gflops": decoder_gflops, "pooler_gflops": pooler_gflops,
+                     "flop_fraction": pooler_gflops / decoder_gflops})
+        del model
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decoder", default="qwen2-0.5b", choices=["tiny", "qwen2-0.5b", "mistral-7b"])
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--flops-only", choices=["qwen2-0.5b", "mistral-7b"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# {args.decoder}, batch {args.batch_size} x {args.sequence_length} tokens, {args.dtype}, "
+          f"{args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}\n")
+    rows = measure(args.decoder, args, getattr(torch, args.dtype))
+    print("| arm | pooler input (n, d) | forward s | forward GFLOP | pooler params | pooler s | pooler GFLOP | "
+          "overhead vs decoder |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        pooled = " x ".join(map(str, row.get("pooler_inputs", []))) or "-"
+        params = f"{row['pooler_params'] / 1e6:.1f}M" if "pooler_params" in row else "-"
+        pooler_s = f"{row['pooler_seconds']:.3f}" if "pooler_seconds" in row else "-"
+        pooler_gflops = f"{row['pooler_gflops']:.1f}" if "pooler_gflops" in row else "-"
+        overhead = f"{100 * row['overhead']:+.1f}%" if "overhead" in row else "(reference)"
+        print(f"| {row['arm']} | {pooled} | {row['seconds']:.3f} | {row['gflops']:.1f} | {params} | {pooler_s} | "
+              f"{pooler_gflops} | {overhead} |")
+    result = {"decoder": args.decoder, "rows": rows}
+    if args.flops_only:
+        flop_rows = flops_only(args.flops_only, args)
+        print(f"\nFLOPs at {args.flops_only} size (counted, not timed):\n")
+        print("| arm | decoder GFLOP | pooler GFLOP | pooler / decoder |")
+        print("|---|---|---|---|")
+        for row in flop_rows:
+            print(f"| {row['arm']} | {row['decoder_gflops']:.0f} | {row['pooler_gflops']:.0f} | "
+                  f"{100 * row['flop_fraction']:.1f}% |")
+        result["flops_only"] = {"decoder": args.flops_only, "rows": flop_rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
