@@ -268,7 +268,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
                 optimizer.step()
                 optimizer.zero_grad()
             state["batches_done"] += 1
-            examples_seen += len(next(iter(batch.values())))
+            examples_seen += _batch_size(batch)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -308,6 +308,13 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
         plot_curves(state["history"], output_dir / CURVES_FILE, recipe.metric)
     accelerator.wait_for_everyone()  # the process group stays up: multi-stage runs call fit more than once
     return result
+
+
+def _batch_size(batch) -> int:
+    """Examples in a batch: the first dimension of its first tensor, however deeply the recipe nests them."""
+    while isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    return len(batch)
 
 
 @torch.no_grad()

@@ -67,3 +67,21 @@ def test_local_imagefolder_with_column_mapping(tmp_path):
     assert len(data["train"]) == len(data["test"]) == 4
     with pytest.raises(ValueError, match=r"no column\(s\) \['picture'\].*--column NAME=SOURCE"):
         load(str(tmp_path), columns={"image": "picture"})
+
+
+def test_local_text_triplets_with_column_mapping(tmp_path):
+    """Any dataset with (query, positive, negative) columns trains an embedding model; other names are mapped."""
+    import json
+
+    rows = [{"question": f"q{i}", "pos": f"p{i}", "neg": f"n{i}", "id": i} for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    required = ("query", "positive", "negative")
+    data = load(str(tmp_path), required=required, columns={"query": "question", "positive": "pos", "negative": "neg"},
+                test_size=0.2)
+    assert len(data["train"]) == 8 and len(data["test"]) == 2
+    assert {"query", "positive", "negative"} <= set(data["train"].column_names)
+    assert sorted([*data["train"]["query"], *data["test"]["query"]]) == sorted(r["question"] for r in rows)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['positive', 'negative'\]"):
+        load(str(tmp_path), required=required, columns={"query": "question"})
+    with pytest.raises(ValueError, match=r"cannot map column\(s\) \['label'\]"):
+        load(str(tmp_path), required=required, columns={"label": "id"})
