@@ -10,6 +10,8 @@ from .registry import get_method
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = MODEL_CARDS_DIR / "template.md"
+# Hub pipeline tags for tasks that hfpapers registers under names the Hub does not list.
+HUB_PIPELINE_TAGS = {"sentence-embedding": "sentence-similarity"}
 
 
 def build_card(output_dir: str | Path, repo_id: str | None = None):
@@ -36,7 +38,8 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
         for name, value in results["eval"].items()
     ]
     data = ModelCardData(
-        license=record.license.lower(), library_name="transformers", pipeline_tag=record.task,
+        license=record.license.lower(), library_name="transformers",
+        pipeline_tag=HUB_PIPELINE_TAGS.get(record.task, record.task),
         tags=["hfpapers", record.slug, f"arxiv:{record.arxiv_id}"], datasets=[run["dataset"]],
         metrics=list(results["eval"]), model_name=model_name, eval_results=eval_results,
     )

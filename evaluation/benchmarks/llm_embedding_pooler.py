@@ -1,8 +1,8 @@
 """Cost of each pooling arm of "Pooling And Attention" relative to the base decoder's forward pass.
 
-For every arm (Model 1-5) the full embedding forward is timed against the forward of the same decoder with
-pooler-free pooling under the same attention (EOS for causal, mean for bidirectional): the difference is what
-the arm's pooling adds. The pooler alone is timed and counted too (FlopCounterMode: matmul-like ops only).
+For every arm (Model 1-5) the decoder's forward and the pooler's forward (on what the arm feeds it) are timed in
+alternation on the same model, and their ratio is the arm's overhead; both are counted too (FlopCounterMode:
+matmul-like ops only).
 The paper-size pooler (768 latents, 32 heads x 2048) is used as the official code builds it at the decoder's
 width. No LoRA (it is merged for inference). Random weights: speed does not depend on their values.
 
@@ -27,17 +27,18 @@ from torch.utils.flop_counter import FlopCounterMode
 import hfpapers
 from hfpapers.methods.llm_embedding import ARMS
 
-PLAIN = {"causal": "eos", "bidirectional": "mean"}  # the pooler-free reference for each attention
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation (one warm-up each first), so that a busy spell
+    on the machine slows all of them alike rather than one."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def count_gflops(fn) -> float:
@@ -60,32 +61,25 @@ def inputs(model, batch_size: int, length: int, device=None):
 
 
 def measure(decoder: str, args, dtype) -> list[dict]:
-    rows, reference_s = [], {}
-    for attention in ("causal", "bidirectional"):
-        model = build(decoder, PLAIN[attention], attention, dtype)
-        batch = inputs(model, args.batch_size, args.sequence_length)
-        with torch.no_grad():
-            reference_s[attention] = median_seconds(lambda: model(**batch), args.repeats)
-            reference_gflops = count_gflops(lambda: model(**batch))
-        rows.append({"arm": f"decoder + {PLAIN[attention]} ({attention})", "seconds": reference_s[attention],
-                     "gflops": reference_gflops})
-        del model
-        gc.collect()
+    """Per arm: the decoder's forward and the pooling's (the pooler, or nothing for Model 1), timed in
+    alternation on the same model; the overhead is their ratio."""
+    rows = []
     for arm, values in ARMS.items():
         model = build(decoder, values["pooling"], values["attention"], dtype)
         batch = inputs(model, args.batch_size, args.sequence_length)
         with torch.no_grad():
-            total_s = median_seconds(lambda: model(**batch), args.repeats)
             states = model(**batch).pooler_inputs
-            row = {"arm": arm, "seconds": total_s, "gflops": count_gflops(lambda: model(**batch)),
-                   "pooler_inputs": list(states.shape[1:])}
+            mask = batch["attention_mask"] if states.shape[1] == args.sequence_length else None
+            steps = {"decoder": lambda: model(**batch) if model.pooler is None else model.decoder(**batch)}
             if model.pooler is not None:
-                mask = batch["attention_mask"] if states.shape[1] == args.sequence_length else None
-                row["pooler_seconds"] = median_seconds(lambda: model.pooler(states, mask), args.repeats)
-                row["pooler_gflops"] = count_gflops(lambda: model.pooler(states, mask))
-                row["pooler_params"] = sum(p.numel() for p in model.pooler.parameters())
-        reference = reference_s[values["attention"]]
-        row["overhead"] = (total_s - reference) / reference
+                steps["pooler"] = lambda: model.pooler(states, mask)
+            seconds = interleaved_medians(steps, args.repeats)
+            row = {"arm": arm, "attention": values["attention"], "pooler_inputs": list(states.shape[1:]),
+                   "decoder_seconds": seconds["decoder"], "decoder_gflops": count_gflops(steps["decoder"])}
+            if model.pooler is not None:
+                row.update(pooler_seconds=seconds["pooler"], pooler_gflops=count_gflops(steps["pooler"]),
+                           pooler_params=sum(p.numel() for p in model.pooler.parameters()),
+                           overhead=seconds["pooler"] / seconds["decoder"])
         rows.append(row)
         del model
         gc.collect()
@@ -130,17 +124,15 @@ def main() -> None:
     print(f"# {args.decoder}, batch {args.batch_size} x {args.sequence_length} tokens, {args.dtype}, "
           f"{args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}\n")
     rows = measure(args.decoder, args, getattr(torch, args.dtype))
-    print("| arm | pooler input (n, d) | forward s | forward GFLOP | pooler params | pooler s | pooler GFLOP | "
-          "overhead vs decoder |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| arm | attention | pooler input (n x d) | decoder s | decoder GFLOP | pooler params | pooler s | "
+          "pooler GFLOP | pooler time / decoder time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        pooled = " x ".join(map(str, row.get("pooler_inputs", []))) or "-"
-        params = f"{row['pooler_params'] / 1e6:.1f}M" if "pooler_params" in row else "-"
-        pooler_s = f"{row['pooler_seconds']:.3f}" if "pooler_seconds" in row else "-"
-        pooler_gflops = f"{row['pooler_gflops']:.1f}" if "pooler_gflops" in row else "-"
-        overhead = f"{100 * row['overhead']:+.1f}%" if "overhead" in row else "(reference)"
-        print(f"| {row['arm']} | {pooled} | {row['seconds']:.3f} | {row['gflops']:.1f} | {params} | {pooler_s} | "
-              f"{pooler_gflops} | {overhead} |")
+        pooled = " x ".join(map(str, row["pooler_inputs"]))
+        cells = [f"{row['pooler_params'] / 1e6:.1f}M", f"{row['pooler_seconds']:.3f}", f"{row['pooler_gflops']:.1f}",
+                 f"{100 * row['overhead']:.1f}%"] if "overhead" in row else ["-", "-", "0", "0% (EOS state only)"]
+        print(f"| {row['arm']} | {row['attention']} | {pooled} | {row['decoder_seconds']:.3f} | "
+              f"{row['decoder_gflops']:.1f} | " + " | ".join(cells) + " |")
     result = {"decoder": args.decoder, "rows": rows}
     if args.flops_only:
         flop_rows = flops_only(args.flops_only, args)
