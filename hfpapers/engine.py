@@ -272,7 +272,8 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             processor.save_pretrained(output_dir)
         plot_curves(state["history"], output_dir / CURVES_FILE, recipe.metric)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # No `end_training()`: it destroys the process group, and multi-stage callers run `fit` again in the same
+    # `accelerate launch` (continual forgetting trains one task after another).
     return result
 
 

@@ -413,3 +413,61 @@ def test_bad_config_values_are_refused():
         GSLoRAConfig(rank=0)
     with pytest.raises(ValueError, match="set alpha=0"):
         GSLoRAConfig(tune="full")
+
+
+# ------------------------------------------------------------------ accelerate launch
+
+
+@pytest.mark.slow
+def test_forget_script_runs_on_two_processes(tmp_path):
+    from accelerate.test_utils.testing import get_launch_command, get_torch_dist_unique_port
+
+    tiny_vit().save_pretrained(tmp_path / "base")
+    processor().save_pretrained(tmp_path / "base")
+    command = get_launch_command(multi_gpu=True, num_processes=2, num_machines=1, mixed_precision="no",
+                                 dynamo_backend="no", main_process_port=get_torch_dist_unique_port())
+    command[0] = str(Path(sys.executable).with_name("accelerate"))
+    command += [str(REPO / "training" / "forget.py"), "--model", str(tmp_path / "base"), "--tasks", "circle,square",
+                "--tasks", "2", "--output-dir", str(tmp_path / "out"), "--few-shot", "8",
+                *[a for k, v in {"resolution": SIZE, "num_train": 120, "num_test": 30, "num_classes": NUM_CLASSES}.items()
+                  for a in ("--dataset-option", f"{k}={v}")],
+                "--set", "rank=2", "--set", "num_epochs=2", "--set", "batch_size=4", "--set", "bound=5"]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["forget_classes"] for r in reports] == [["circle", "square"], ["triangle"]]  # printed once, by rank 0
+    out = tmp_path / "out"
+    results = json.loads((out / "forgetting_results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == [1, 2]
+    for task in (1, 2):
+        assert (out / "adapters" / f"task-{task}" / "adapter_model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    # 8 replay examples per kept class, split over 2 ranks in batches of 4: both ranks stepped.
+    metrics = [json.loads(line) for line in (out / "runs" / "task-1" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in metrics) == 2 * (4 * 8 // (2 * 4))
+
+
+# ------------------------------------------------------------------ the paper's claim, small
+
+
+@pytest.mark.slow
+def test_small_reproduction_forgets_and_keeps(tmp_path):
+    """evaluation/reproduce/gs_lora.py at a smaller size, GS-LoRA only: a ViT trained on shapes, 3 tasks x 2
+    classes with few-shot replay. The paper's third claim (most blocks' LoRA near zero) is not asserted: at
+    this size it did not hold (see the README's GS-LoRA section)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gs_lora_reproduce", REPO / "evaluation" / "reproduce" / "gs_lora.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = reproduce  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(reproduce)
+    setting = reproduce.Setting(num_train=2500, num_test=1000, base_epochs=12, methods=("GS-LoRA",))
+    setting.common.update(alpha=0.02)  # a weaker base model gives a weaker forgetting signal to balance
+    results = reproduce.run(setting, tmp_path, log=lambda *_: None)
+    rows = results["methods"]["GS-LoRA"]
+    assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"], ["cross", "ring"]]
+    for r in rows:
+        assert r["acc_f"] <= 0.10, r  # forgotten classes at or below chance
+        assert r["retained_loss"] <= 0.03, r  # kept classes within 3 points of the original model
+    assert (tmp_path / "gs_lora_block_norms.png").read_bytes().startswith(b"\x89PNG")

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> list[dict]:
+    from accelerate import PartialState
+
     from hfpapers import data
     from hfpapers.methods.gs_lora import ContinualForgetter, GSLoRAConfig
     from hfpapers.methods.gs_lora.forgetter import task_data
@@ -55,7 +57,8 @@ def run(args) -> list[dict]:
         forget, retain = task_data(splits["train"], classes, forgetter.forgotten)
         report = forgetter.forget(classes, forget, retain)
         reports.append(report.to_dict())
-        print(json.dumps(report.to_dict()), flush=True)
+        if PartialState().is_main_process:
+            print(json.dumps(report.to_dict()), flush=True)
     forgetter.save_pretrained(args.output_dir)
     return reports
 

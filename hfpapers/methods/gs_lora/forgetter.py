@@ -85,7 +85,9 @@ class ContinualForgetter:
         self.base_model = model.name_or_path
         self.processor = processor
         self.targets = find_ffn_targets(model, self.config.target_modules) if self.config.tune == "lora" else None
-        self.model = model.to(PartialState().device)
+        # cpu=True on a machine without an accelerator, as the engine does: it is what lets `accelerate launch`
+        # processes form a gloo group, and the first PartialState fixes that for the whole run.
+        self.model = model.to(PartialState(cpu=not torch.accelerator.is_available()).device)
         self._requires_grad = [p.requires_grad for p in model.parameters()]
         self.id2label = {int(i): name for i, name in model.config.id2label.items()}
         self.eval_set = self._encode(eval_data, "eval_data") if eval_data is not None else None
@@ -195,6 +197,11 @@ class ContinualForgetter:
         model.train(was_training)
         return torch.cat(predictions), (torch.cat(embeddings) if tap is not None else None)
 
+    def predict(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, labels) of the current model on a labelled dataset."""
+        encoded = self._encode(data, "data")
+        return self._predict(self.model, encoded)[0], encoded["labels"]
+
     def _accuracies(self, predictions, labels, classes: list[int]) -> tuple[float, float]:
         m = forgetting_metrics(predictions.tolist(), labels.tolist(), classes, self.forgotten)
         return m["acc_f"], m["acc_r"]
@@ -238,11 +245,11 @@ class ContinualForgetter:
             k: torch.cat([forget[k], retain[k], *(t["forget_data"][k] for t in self.tasks)]) for k in forget}
 
         head = self._head_name() if cfg.prototypes else None
-        tap = EmbeddingTap(self.model.get_submodule(head)) if head else None
         before, _ = self._predict(self.model, evaluation)
         acc_f_before, acc_r_before = self._accuracies(before, evaluation["labels"], classes)
         if acc_f_before is None or acc_r_before is None:
             raise ValueError("eval_data needs examples of the classes being forgotten and of retained classes")
+        tap = EmbeddingTap(self.model.get_submodule(head)) if head else None
         prototypes = None
         if tap is not None:
             train_x = {k: torch.cat([forget[k], retain[k]]) for k in forget}
@@ -263,6 +270,11 @@ class ContinualForgetter:
             # the report below is measured on the evaluation set.
             seen = EvalSet({k: torch.cat([forget[k], retain[k]]) for k in forget})
             result = fit(model, {"train": PairedReplay(retain, forget), "test": seen}, recipe, args)
+        except BaseException:
+            # An interrupted task leaves the model as it was: the half-trained adapter is dropped, not merged.
+            if cfg.tune == "lora":
+                self.model = model.unload()
+            raise
         finally:
             if tap is not None:
                 tap.remove()
