@@ -10,5 +10,9 @@ the shared engine and merges it into the weights.
 
 from ...registry import lazy_exports
 
+# No registry record (the registry skips a package whose RECORD is None); defined so that the registry's
+# look-up finds it here instead of asking the lazy exports below, which would import torch.
+RECORD = None
+
 # Exports load lazily: `import hfpapers` discovers method packages and must not import torch.
 __getattr__ = lazy_exports(__name__, ("config", "adapters", "losses", "metrics", "forgetter"))
