@@ -20,7 +20,7 @@ def _parse_value(text: str):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _key_values(pairs: list[str], flag: str) -> dict:
+def key_values(pairs: list[str], flag: str) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -86,11 +86,11 @@ def cmd_train(args) -> None:
                                               "gradient_accumulation_steps", "mixed_precision", "seed",
                                               "checkpoint_every_steps", "resume_from", "progress_bar")
                 if getattr(args, k) is not None}
-    settings.update(_key_values(args.set, "--set"))
-    dataset_kwargs = _key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None
+    settings.update(key_values(args.set, "--set"))
+    dataset_kwargs = key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None
     result = train(args.method, args.output_dir, preset=args.preset, dataset=args.dataset,
-                   dataset_kwargs=dataset_kwargs, columns=_columns(args.column),
-                   config_overrides=_key_values(args.config, "--config"), **settings)
+                   dataset_kwargs=dataset_kwargs, columns=column_map(args.column),
+                   config_overrides=key_values(args.config, "--config"), **settings)
     from accelerate import PartialState
 
     state = PartialState()
@@ -100,7 +100,7 @@ def cmd_train(args) -> None:
     state.destroy_process_group()
 
 
-def _columns(pairs: list[str]) -> dict[str, str]:
+def column_map(pairs: list[str]) -> dict[str, str]:
     """--column NAME=SOURCE pairs (source names are kept as written)."""
     out = {}
     for pair in pairs:

@@ -296,11 +296,11 @@ def test_saved_folder_works_with_the_pipeline_and_has_a_card(two_tasks, shapes):
 
 def test_scaling_mlp_forgets_too(shapes, tmp_path):
     import hfpapers
-    from hfpapers.registry import create_image_processor
+    from hfpapers.registry import create_processor
 
     model = hfpapers.create_model("scaling-mlp", preset="tiny", image_size=SIZE, num_labels=NUM_CLASSES,
                                   num_blocks=2, hidden_size=32)
-    forgetter = ContinualForgetter(model, quick_config(), processor=create_image_processor("scaling-mlp", model.config),
+    forgetter = ContinualForgetter(model, quick_config(), processor=create_processor("scaling-mlp", model.config),
                                    eval_data=shapes["test"], output_dir=tmp_path)
     forget, retain = task_data(shapes["train"], [3], [])
     report = forgetter.forget([3], forget, retain)

@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import fields
 
-from hfpapers.cli import _key_values
+from hfpapers.cli import column_map, key_values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--dataset", default="shapes", help="an embedded dataset, a Hub id or a local folder")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
+                        help="read column NAME (image, label) from the dataset's column SOURCE (repeatable)")
     parser.add_argument("--few-shot", type=int, default=None, help="examples per class kept for forget and replay")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"a GSLoRAConfig field: {', '.join(f.name for f in fields(GSLoRAConfig))}")
@@ -44,12 +44,12 @@ def run(args) -> list[dict]:
     from hfpapers.methods.gs_lora import ContinualForgetter, GSLoRAConfig
     from hfpapers.methods.gs_lora.forgetter import task_data
 
-    settings = _key_values(args.set, "--set")
+    settings = key_values(args.set, "--set")
     if args.few_shot is not None:
         settings["few_shot"] = args.few_shot
     config = GSLoRAConfig(**settings)
-    splits = data.load(args.dataset, image_column=args.image_column, label_column=args.label_column,
-                       seed=config.seed, **_key_values(args.dataset_option, "--dataset-option"))
+    splits = data.load(args.dataset, columns=column_map(args.column), seed=config.seed,
+                       **key_values(args.dataset_option, "--dataset-option"))
     forgetter = ContinualForgetter(args.model, config, eval_data=splits["test"], output_dir=f"{args.output_dir}/runs")
     reports = []
     for task in args.tasks:

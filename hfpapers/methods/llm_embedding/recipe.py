@@ -14,6 +14,7 @@ code accumulates gradients over 256 micro-batches instead, so each of its softma
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,10 @@ def pretrain_decoder(decoder_config, tokenizer, datasets, output_dir: str, seed:
     args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False,
                              **{**CausalLMRecipe.defaults, **settings})
     fit(model, datasets, recipe, args, tokenizer)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the decoder is saved; its resume state is no longer needed
+        shutil.rmtree(Path(output_dir, "checkpoints"), ignore_errors=True)
     return output_dir
 
 
