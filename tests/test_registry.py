@@ -49,6 +49,9 @@ IMPORT_ORDERS = {
     "pipeline after hfpapers": "import hfpapers; from transformers import pipeline, AutoModelForImageClassification as A",
     "transformers first": "from transformers import PreTrainedModel, AutoModelForImageClassification as A; import hfpapers",
     "config only": "import hfpapers; from transformers import AutoConfig; import transformers; A = transformers.AutoModelForImageClassification",
+    # A method whose configuration imports AutoConfig itself, imported before anything else of transformers.
+    "method module first": "from hfpapers.methods.llm_embedding import LLMEmbeddingConfig; import transformers; A = transformers.AutoModelForImageClassification",
+    "recipe first": "import hfpapers.methods.llm_embedding.recipe; import transformers; A = transformers.AutoModelForImageClassification",
 }
 
 
