@@ -39,8 +39,8 @@ class Setting:
     methods: tuple = ("GS-LoRA", "GS-LoRA++", "LoRA", "full fine-tuning")
     # What each method trains with (GSLoRAConfig fields); the shared ones first.
     common: dict = field(default_factory=lambda: {
-        "rank": 8, "num_epochs": 30, "batch_size": 16, "learning_rate": 5e-3, "beta": 0.3, "bound": 20.0,
-        "alpha": 0.1, "alpha_warmup_epochs": 10})
+        "rank": 8, "num_epochs": 50, "batch_size": 16, "learning_rate": 1e-2, "beta": 0.3, "bound": 8.0,
+        "alpha": 0.2, "alpha_warmup_epochs": 10})
     overrides: dict = field(default_factory=lambda: {
         "GS-LoRA": {},
         "GS-LoRA++": {"prototypes": True, "prototype_forget_weight": 0.05, "prototype_bound": 1.0},
