@@ -66,7 +66,7 @@ def naive_pooler(pooler: TrainablePooler, states: torch.Tensor, mask: torch.Tens
         keep = torch.ones(len(x), dtype=torch.bool) if mask is None else mask[b].bool()
         x = x[keep]
         latents = pooler.latents
-        q = F.layer_norm(latents, (config.latent_dim,), attention.norm_latents.weight, attention.norm_latents.bias,
+        q = F.layer_norm(latents, (config.latent_size,), attention.norm_latents.weight, attention.norm_latents.bias,
                          config.layer_norm_eps) @ attention.to_q.weight.T
         kv = F.layer_norm(x, (config.hidden_size,), attention.norm_states.weight, attention.norm_states.bias,
                           config.layer_norm_eps) @ attention.to_kv.weight.T
@@ -77,7 +77,7 @@ def naive_pooler(pooler: TrainablePooler, states: torch.Tensor, mask: torch.Tens
             weights = torch.softmax(q[:, cols] @ k[:, cols].T / config.head_dim ** 0.5, dim=-1)
             heads.append(weights @ v[:, cols])
         latents = latents + torch.cat(heads, -1) @ attention.to_out.weight.T
-        hidden = F.layer_norm(latents, (config.latent_dim,), ffn.norm.weight, ffn.norm.bias, config.layer_norm_eps)
+        hidden = F.layer_norm(latents, (config.latent_size,), ffn.norm.weight, ffn.norm.bias, config.layer_norm_eps)
         hidden = hidden @ ffn.proj_in.weight.T + ffn.proj_in.bias
         value, gate = hidden[:, : hidden.shape[1] // 2], hidden[:, hidden.shape[1] // 2:]
         latents = latents + (value * F.gelu(gate)) @ ffn.proj_out.weight.T + ffn.proj_out.bias
@@ -559,3 +559,12 @@ def test_reproduction_trains_the_five_arms_and_tabulates_them(tmp_path):
     sts = sum(results["model-1"]["sts"].values()) / 2
     assert f"| model-1 (absolute) | {sts:.4f} |" in table
     assert sum(line.startswith("| model-") and "(Δ)" in line for line in table.splitlines()) == 4
+
+
+def test_pooler_width_follows_the_decoder_unless_set():
+    decoder = {**FAMILIES["llama"], **TINY_DECODER}
+    follows = LLMEmbeddingConfig(decoder_config=decoder, pooling="trainable", pooler_config=TINY_POOLER)
+    assert (follows.pooler_config.hidden_size, follows.pooler_config.latent_size) == (32, 32)
+    explicit = LLMEmbeddingConfig(decoder_config=decoder, pooling="trainable",
+                                  pooler_config={**TINY_POOLER, "latent_dim": 4096})
+    assert (explicit.pooler_config.hidden_size, explicit.pooler_config.latent_size) == (32, 4096)

@@ -42,13 +42,13 @@ class TrainablePoolerConfig(PreTrainedConfig):
     num_layers: int | None = None
     layer_norm_eps: float = 1e-5
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.latent_dim is None:
-            self.latent_dim = self.hidden_size
+    @property
+    def latent_size(self) -> int:
+        """The latents' size: `latent_dim`, or `hidden_size` when it is unset."""
+        return self.latent_dim if self.latent_dim is not None else self.hidden_size
 
     def validate_trainable_pooler(self):
-        for name in ("hidden_size", "latent_dim", "num_latents", "num_heads", "head_dim", "ffn_mult"):
+        for name in ("hidden_size", "latent_size", "num_latents", "num_heads", "head_dim", "ffn_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pooler {name} must be a positive integer, got {getattr(self, name)}")
         if self.num_layers is not None and self.num_layers < 1:
@@ -103,10 +103,8 @@ class LLMEmbeddingConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.pooling in ("trainable", "multi_layer_trainable"):
-            pooler = self.pooler_config or TrainablePoolerConfig(hidden_size=self.decoder_config.hidden_size)
-            if pooler.latent_dim == pooler.hidden_size:  # the latents follow the decoder unless set apart
-                pooler.latent_dim = self.decoder_config.hidden_size
-            pooler.hidden_size = self.decoder_config.hidden_size
+            pooler = self.pooler_config or TrainablePoolerConfig()
+            pooler.hidden_size = self.decoder_config.hidden_size  # an unset latent_dim follows it
             pooler.num_layers = self.decoder_config.num_hidden_layers if self.pooling == "multi_layer_trainable" else None
             self.pooler_config = pooler
         else:

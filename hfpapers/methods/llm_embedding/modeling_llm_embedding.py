@@ -45,10 +45,10 @@ class PoolerCrossAttention(nn.Module):
         inner = config.num_heads * config.head_dim
         self.num_heads = config.num_heads
         self.norm_states = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.norm_latents = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps)
-        self.to_q = nn.Linear(config.latent_dim, inner, bias=False)
+        self.norm_latents = nn.LayerNorm(config.latent_size, eps=config.layer_norm_eps)
+        self.to_q = nn.Linear(config.latent_size, inner, bias=False)
         self.to_kv = nn.Linear(config.hidden_size, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, config.latent_dim, bias=False)
+        self.to_out = nn.Linear(inner, config.latent_size, bias=False)
 
     def forward(self, latents: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         def heads(t):  # (batch, n, heads * dim) -> (batch, heads, n, dim)
@@ -66,10 +66,10 @@ class GEGLUFeedForward(nn.Module):
 
     def __init__(self, config: TrainablePoolerConfig):
         super().__init__()
-        inner = config.ffn_mult * config.latent_dim
-        self.norm = nn.LayerNorm(config.latent_dim, eps=config.layer_norm_eps)
-        self.proj_in = nn.Linear(config.latent_dim, 2 * inner)
-        self.proj_out = nn.Linear(inner, config.latent_dim)
+        inner = config.ffn_mult * config.latent_size
+        self.norm = nn.LayerNorm(config.latent_size, eps=config.layer_norm_eps)
+        self.proj_in = nn.Linear(config.latent_size, 2 * inner)
+        self.proj_out = nn.Linear(inner, config.latent_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)
@@ -86,7 +86,7 @@ class TrainablePooler(nn.Module):
     def __init__(self, config: TrainablePoolerConfig):
         super().__init__()
         self.config = config
-        self.latents = nn.Parameter(torch.empty(config.num_latents, config.latent_dim))
+        self.latents = nn.Parameter(torch.empty(config.num_latents, config.latent_size))
         self.layer_embedding = nn.Embedding(config.num_layers, config.hidden_size) if config.num_layers else None
         self.cross_attention = PoolerCrossAttention(config)
         self.feed_forward = GEGLUFeedForward(config)
