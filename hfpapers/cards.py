@@ -38,7 +38,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
         for name, value in results["eval"].items()
     ]
     data = ModelCardData(
-        license=record.license.lower(), library_name="transformers",
+        license=record.license.lower(), library_name=record.library,
         pipeline_tag=HUB_PIPELINE_TAGS.get(record.task, record.task),
         tags=["hfpapers", record.slug, f"arxiv:{record.arxiv_id}"], datasets=[run["dataset"]],
         metrics=list(results["eval"]), model_name=model_name, eval_results=eval_results,
@@ -60,6 +60,8 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
         dataset_kwargs=json.dumps(run["dataset_kwargs"]) if run["dataset_kwargs"] else "",
         prose=prose_file.read_text().strip(),
         auto_class=record.head_auto_class,
+        library=record.library,
+        model_module=record.model_classes[record.head_auto_class].rpartition(".")[0].rpartition(".")[0],
         task=record.task,
         repo_id=repo_id or str(output_dir),
         num_processes=run["num_processes"],

@@ -451,6 +451,19 @@ def train(
     return result
 
 
+def _record_of_folder(folder: Path, run: dict):
+    """The method of a saved folder: its config's model_type, else the run file of `train`."""
+    from .registry import get_method, method_for_model_type
+
+    config_file = folder / "config.json"
+    if config_file.exists():
+        return method_for_model_type(json.loads(config_file.read_text()).get("model_type"))
+    if "method" in run:
+        return get_method(run["method"])
+    raise FileNotFoundError(f"{folder} has neither config.json nor {RUN_FILE}; expected a folder written by "
+                            "save_pretrained or `hfpapers train`")
+
+
 def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]:
     """Evaluate a saved model folder on the test split of the dataset it was trained on (or `dataset`).
 
@@ -459,15 +472,12 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
     from accelerate import Accelerator
 
     from . import data
-    from .registry import method_for_model_type, register_with_transformers
+    from .registry import load_pretrained
 
     folder_path = Path(folder)
-    config_file = folder_path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
-    record = method_for_model_type(json.loads(config_file.read_text()).get("model_type"))
     run_file = folder_path / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
+    record = _record_of_folder(folder_path, run)
     if dataset is None:
         dataset = run.get("dataset", record.dataset)
     if dataset == run.get("dataset"):
@@ -476,12 +486,13 @@ def evaluate_folder(folder: str, dataset: str | None = None) -> dict[str, float]
         dataset_kwargs = dict(record.dataset_kwargs)
     else:
         dataset_kwargs = {}
-    register_with_transformers()
-    import transformers
-
-    model = getattr(transformers, record.head_auto_class).from_pretrained(folder)
+    model = load_pretrained(record, folder)
     recipe = record.load(record.recipe)()
-    processor = getattr(transformers, recipe.processor_class).from_pretrained(folder) if record.processor else None
+    processor = None
+    if record.processor:
+        import transformers
+
+        processor = getattr(transformers, recipe.processor_class).from_pretrained(folder)
     test = data.load(dataset, required=recipe.columns, columns=run.get("columns"), **dataset_kwargs)["test"]
     recipe.check_eval_dataset(model, test)
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())

@@ -41,10 +41,11 @@ def push(
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"cannot push {folder}: no such folder")
-    if not any((folder / name).is_file() for name in CONFIG_FILES):
+    # a diffusers model made of components (e.g. a TransparentVAE) keeps one config per subfolder
+    if not any((folder / name).is_file() for name in CONFIG_FILES) and not any(folder.glob("*/config.json")):
         raise HubError(
-            f"cannot push {folder}: it holds none of {', '.join(CONFIG_FILES)}; save the model with "
-            "save_pretrained() first"
+            f"cannot push {folder}: it holds none of {', '.join(CONFIG_FILES)} (nor component folders with a "
+            "config.json); save the model with save_pretrained() first"
         )
 
     from huggingface_hub import CommitOperationAdd, HfApi

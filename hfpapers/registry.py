@@ -34,8 +34,10 @@ class MethodRecord:
     authors: str
     year: int
     task: str  # a transformers pipeline task, e.g. "image-classification"
-    config_class: str
-    model_classes: Mapping[str, str]  # Auto class name -> dotted path of the model class
+    config_class: str | None  # transformers methods: the config class (diffusers models carry their own config)
+    # transformers: Auto class name -> dotted path of the model class; diffusers: class name -> dotted path of a
+    # model that builds itself with `from_configs(**preset values)` and loads with `from_pretrained`
+    model_classes: Mapping[str, str]
     presets: Mapping[str, Mapping[str, Any]]  # preset name -> config values
     default_preset: str  # trained by `hfpapers zoo build`
     paper_presets: tuple[str, ...]  # the sizes the paper reports
@@ -50,6 +52,7 @@ class MethodRecord:
     processor: str | None = None  # dotted path of a function config -> image processor or tokenizer
     pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
     status: str = "complete"
+    library: str = "transformers"  # or "diffusers": no Auto classes to register; components load by module path
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
 
     @property
@@ -83,6 +86,7 @@ class MethodRecord:
             "title": self.title,
             "arxiv_id": self.arxiv_id,
             "task": self.task,
+            "library": self.library,
             "model_type": self.model_type,
             "presets": list(self.presets),
             "default_preset": self.default_preset,
@@ -159,11 +163,22 @@ def create_model(slug: str, preset: str | None = None, *, head: str | None = Non
     register_with_transformers()
     values = record.preset(preset or record.default_preset)
     values.update(overrides)
-    config = record.load(record.config_class)(**values)
     head = head or record.head_auto_class
     if head not in record.model_classes:
         raise KeyError(f"{slug!r} has no {head!r}; available: {', '.join(record.model_classes)}")
-    return record.load(record.model_classes[head])(config)
+    if record.library == "diffusers":
+        return record.load(record.model_classes[head]).from_configs(**values)
+    return record.load(record.model_classes[head])(record.load(record.config_class)(**values))
+
+
+def load_pretrained(record: MethodRecord, folder: str):
+    """A saved model of `record` from a folder or Hub repo, through the class that serves its task."""
+    if record.library == "diffusers":
+        return record.load(record.model_classes[record.head_auto_class]).from_pretrained(folder)
+    register_with_transformers()
+    import transformers
+
+    return getattr(transformers, record.head_auto_class).from_pretrained(folder)
 
 
 def create_processor(slug: str, config):
@@ -194,7 +209,11 @@ def register_with_transformers() -> None:
 
 
 def register_record(record: MethodRecord) -> None:
-    """Register one record's config, model classes and custom pipeline with transformers (idempotent)."""
+    """Register one record's config, model classes and custom pipeline with transformers (idempotent).
+
+    diffusers has no registry: its pipelines load our components by the module path in `model_index.json`."""
+    if record.library != "transformers":
+        return
     import transformers
 
     config_class = record.load(record.config_class)

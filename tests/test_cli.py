@@ -19,6 +19,7 @@ def test_list_and_info():
     assert "scaling-mlp" in run_cli("list").stdout
     records = json.loads(run_cli("list", "--json").stdout)
     assert [(r["slug"], r["arxiv_id"]) for r in records] == [("efficientvim", "2411.15241"),
+                                                             ("layerdiffusion", "2402.17113"),
                                                              ("llm-embedding", "2409.02727"),
                                                              ("scaling-mlp", "2306.13575")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
@@ -26,10 +27,10 @@ def test_list_and_info():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, llm-embedding, scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, layerdiffusion, llm-embedding, scaling-mlp"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
-    (["eval", "/nonexistent"], "has no config.json"),
+    (["eval", "/nonexistent"], "has neither config.json nor hfpapers_run.json"),
     (["train", "scaling-mlp", "--output-dir", "x", "--dataset", "/nonexistent-folder-xyz"], "nonexistent-folder-xyz"),
 ])
 def test_errors_are_one_line_and_exit_non_zero(args, message):

@@ -2,7 +2,7 @@
 
 Every loader returns a `datasets.DatasetDict` with "train" and "test" splits and, for image classification,
 the columns "image" (PIL) and "label" (a `ClassLabel`); for text embedding, "query", "positive" and
-"negative" strings.
+"negative" strings; for transparent layers, "image" (RGBA PIL).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .images import build_digits, build_shapes
+from .layers import build_rgba_layers
 from .text import build_triplets
 
-EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes, "triplets": build_triplets}
+EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes, "triplets": build_triplets,
+                                          "rgba_layers": build_rgba_layers}
 
-__all__ = ["EMBEDDED", "build_digits", "build_shapes", "build_triplets", "load"]
+__all__ = ["EMBEDDED", "build_digits", "build_rgba_layers", "build_shapes", "build_triplets", "load"]
 
 
 def load(

@@ -1,0 +1,402 @@
+"""LayerDiffuse latent transparency (Zhang & Agrawala, arXiv 2402.17113) as diffusers models.
+
+A frozen Stable Diffusion VAE learns nothing new. Transparency rides on its latent as an offset:
+`LatentTransparencyEncoder` turns (alpha, padded RGB) into an offset that replaces the Gaussian noise of the
+VAE posterior (`z = mean + std * offset`), and `TransparentVAEDecoder` (the official "UNet1024") reads the
+VAE-decoded RGB plus the latent and returns alpha and the straight (not premultiplied) foreground colour.
+`TransparentVAE` joins the three so that RGBA goes in and comes out. Architectures and key names follow the
+released weights, so the official safetensors load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["LatentTransparencyEncoder", "TransparentVAEDecoder", "TransparentVAE", "TransparentVAEOutput", "pad_rgb",
+           "checkerboard_preview", "rgba_to_tensor", "AUGMENTATIONS"]
+
+# The decoder adds the latent to its features just before this down block: after three halvings, at the
+# VAE's 1/8 latent resolution.
+LATENT_BLOCK = 3
+# Test-time augmentation of the official decoder: (horizontal flip, quarter turns). Ordered so that the passes
+# that keep the image's shape come first and the transposing ones after, which lets each group run as one batch.
+AUGMENTATIONS = ((False, 0), (True, 0), (False, 2), (True, 2), (False, 1), (True, 1), (False, 3), (True, 3))
+
+
+def _area_resize_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in) weights of exact area resampling: output pixel i averages the input span
+    [i*s, (i+1)*s) with s = size_in / size_out, weighting each input pixel by its overlap (cv2's INTER_AREA)."""
+    scale = size_in / size_out
+    starts = torch.arange(size_out, dtype=like.dtype, device=like.device)[:, None] * scale
+    pixels = torch.arange(size_in, dtype=like.dtype, device=like.device)[None, :]
+    overlap = (torch.minimum(starts + scale, pixels + 1) - torch.maximum(starts, pixels)).clamp(min=0)
+    return overlap / scale
+
+
+def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    rows = _area_resize_matrix(image.shape[-2], height, image)
+    cols = _area_resize_matrix(image.shape[-1], width, image)
+    return rows @ image @ cols.T
+
+
+@torch.no_grad()
+def pad_rgb(rgba: torch.Tensor, dk: float = 1.2) -> torch.Tensor:
+    """The "padded RGB" every LayerDiffuse model is trained on: (B, 4, H, W) straight RGBA in [0, 1] ->
+    (B, 3, H, W) where visible colours are kept and invisible ones are filled from their surroundings.
+
+    An alpha-weighted pyramid (each level 1/dk the size of the previous, down to one pixel) is built from the
+    premultiplied colour; going back up, each level's colour is its premultiplied colour plus the coarser
+    estimate times (1 - alpha).
+    """
+    _check_rgba(rgba)
+    colour, alpha = rgba[:, :3].double(), rgba[:, 3:].double()
+    pyramid = [(colour * alpha, alpha)]
+    while min(pyramid[-1][1].shape[-2:]) > 1:
+        height, width = pyramid[-1][1].shape[-2:]
+        size = (int(height / dk), int(width / dk))
+        pyramid.append(tuple(_area_resize(level, *size) for level in pyramid[-1]))
+    top_colour, top_alpha = pyramid[-1]
+    filled = top_colour.sum((-2, -1), keepdim=True) / top_alpha.sum((-2, -1), keepdim=True).clamp(1e-8, 1e32)
+    for level_colour, level_alpha in reversed(pyramid):
+        filled = F.interpolate(filled, size=level_colour.shape[-2:], mode="bilinear", align_corners=False)
+        filled = level_colour + filled * (1.0 - level_alpha)
+    return filled.to(rgba.dtype)
+
+
+def _check_rgba(rgba: torch.Tensor) -> None:
+    if rgba.ndim != 4 or rgba.shape[1] != 4:
+        raise ValueError(f"expected straight RGBA of shape (batch, 4, height, width) in [0, 1], got shape "
+                         f"{tuple(rgba.shape)}; RGB without alpha has no transparency to encode")
+
+
+def rgba_to_tensor(image) -> torch.Tensor:
+    """RGBA PIL image(s) of one size, or a (B, 4, H, W) tensor in [0, 1] -> (B, 4, H, W) float tensor in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        tensor = image if image.ndim == 4 else image[None]
+        _check_rgba(tensor)
+        return tensor.float()
+    images = image if isinstance(image, (list, tuple)) else [image]
+    for i, item in enumerate(images):
+        if not isinstance(item, PIL.Image.Image) or "A" not in item.getbands():
+            mode = item.mode if isinstance(item, PIL.Image.Image) else type(item).__name__
+            raise ValueError(f"image {i} is {mode!r}, not RGBA: latent transparency needs an alpha channel "
+                             "(for a fully opaque image, add one with image.putalpha(255))")
+    sizes = sorted({item.size for item in images})
+    if len(sizes) != 1:
+        raise ValueError(f"images must share one size to be batched, found sizes {sizes}")
+    arrays = np.stack([np.asarray(item.convert("RGBA"), dtype=np.float32) / 255 for item in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+
+
+def checkerboard_preview(rgba: torch.Tensor, cell: int = 64) -> torch.Tensor:
+    """(B, 4, H, W) RGBA in [0, 1] composited over the official grey checkerboard (0.45 / 0.55, `cell` px)."""
+    height, width = rgba.shape[-2:]
+    ys = torch.arange(height, device=rgba.device)[:, None] // cell
+    xs = torch.arange(width, device=rgba.device)[None, :] // cell
+    board = 0.45 + 0.1 * ((ys + xs) % 2).to(rgba.dtype)
+    alpha = rgba[:, 3:]
+    return rgba[:, :3] * alpha + board * (1 - alpha)
+
+
+class LatentTransparencyEncoder(ModelMixin, ConfigMixin):
+    """(alpha, padded RGB) -> a latent offset at the VAE's resolution (the released encoder: 1,181,764 parameters).
+
+    Each level is a stride-2 convolution (stride 1 for the first) and a second convolution, with SiLU between
+    all of them; the last convolution starts at zero so an untrained encoder leaves the latent unchanged.
+    `offset_scale` multiplies the output: 300 for the official diffusers-CLI weights, 1 for the Forge ones.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, block_out_channels: tuple[int, ...] = (32, 64, 128, 256),
+                 latent_channels: int = 4, offset_scale: float = 1.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for level, channels in enumerate(block_out_channels):
+            layers += [nn.Conv2d(previous, channels, 3, stride=1 if level == 0 else 2, padding=1), nn.SiLU(),
+                       nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU()]
+            previous = channels
+        out = nn.Conv2d(previous, latent_channels, 3, padding=1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.blocks = nn.Sequential(*layers, out)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def forward(self, rgba: torch.Tensor) -> torch.Tensor:
+        """Straight RGBA (B, 4, H, W) in [0, 1] -> offset (B, latent_channels, H / 8, W / 8)."""
+        _check_rgba(rgba)
+        alpha = rgba[:, 3:]
+        features = torch.cat([alpha, pad_rgb(rgba)], dim=1).to(self.dtype)
+        return self.blocks(features) * self.config.offset_scale
+
+
+class TransparentVAEDecoder(ModelMixin, ConfigMixin):
+    """The official transparent decoder ("UNet1024"): VAE-decoded RGB + unscaled latent -> (alpha, RGB).
+
+    A diffusers UNet without time embedding; the latent enters through a zero-initialised 1x1 convolution
+    added before down block 3. The output's channel 0 is alpha, channels 1-3 the straight foreground colour.
+    Height and width must be multiples of 2^(number of blocks - 1): 64 for the released architecture.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 4,
+        down_block_types: tuple[str, ...] = ("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3,
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4,
+        block_out_channels: tuple[int, ...] = (32, 32, 64, 128, 256, 512, 512),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1.0,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 4,
+        norm_eps: float = 1e-5,
+        latent_channels: int = 4,
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        if not (len(down_block_types) == len(up_block_types) == levels) or levels <= LATENT_BLOCK:
+            raise ValueError(f"need as many down and up block types as block_out_channels, and more than "
+                             f"{LATENT_BLOCK} levels; got {len(down_block_types)}, {len(up_block_types)}, {levels}")
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        self.latent_conv_in = nn.Conv2d(latent_channels, block_out_channels[LATENT_BLOCK - 1], 1)
+        nn.init.zeros_(self.latent_conv_in.weight)
+        nn.init.zeros_(self.latent_conv_in.bias)
+        shared = dict(temb_channels=None, resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
+                      resnet_time_scale_shift="default", dropout=dropout)
+        self.down_blocks = nn.ModuleList()
+        output_channel = block_out_channels[0]
+        for i, block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                block_type, num_layers=layers_per_block, in_channels=input_channel, out_channels=output_channel,
+                add_downsample=i < levels - 1, downsample_padding=downsample_padding, downsample_type=downsample_type,
+                attention_head_dim=attention_head_dim or output_channel, **shared))
+        self.mid_block = UNetMidBlock2D(
+            in_channels=block_out_channels[-1], temb_channels=None, dropout=dropout, resnet_eps=norm_eps,
+            resnet_act_fn=act_fn, output_scale_factor=mid_block_scale_factor, resnet_time_scale_shift="default",
+            attention_head_dim=attention_head_dim or block_out_channels[-1], resnet_groups=norm_num_groups,
+            attn_groups=None, add_attention=True)
+        reversed_channels = list(reversed(block_out_channels))
+        self.up_blocks = nn.ModuleList()
+        output_channel = reversed_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, levels - 1)]
+            self.up_blocks.append(get_up_block(
+                block_type, num_layers=layers_per_block + 1, in_channels=input_channel, out_channels=output_channel,
+                prev_output_channel=prev_output_channel, add_upsample=i < levels - 1, upsample_type=upsample_type,
+                attention_head_dim=attention_head_dim or output_channel, **shared))
+        self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def check_inputs(self, pixel: torch.Tensor, latent: torch.Tensor) -> None:
+        height, width = pixel.shape[-2:]
+        if pixel.ndim != 4 or pixel.shape[1] != self.config.in_channels:
+            raise ValueError(f"pixel must be (batch, {self.config.in_channels}, height, width), got {tuple(pixel.shape)}")
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"height and width must be multiples of {self.size_multiple} for this decoder "
+                             f"({len(self.config.block_out_channels) - 1} downsamplings), got {height}x{width}; "
+                             f"resize or crop the image, e.g. to {height // self.size_multiple * self.size_multiple}x"
+                             f"{width // self.size_multiple * self.size_multiple}")
+        latent_size = (height // 2 ** LATENT_BLOCK, width // 2 ** LATENT_BLOCK)
+        if latent.ndim != 4 or latent.shape[1] != self.config.latent_channels or tuple(latent.shape[-2:]) != latent_size:
+            raise ValueError(f"latent must be (batch, {self.config.latent_channels}, {latent_size[0]}, {latent_size[1]}) "
+                             f"for {height}x{width} pixels, got {tuple(latent.shape)}")
+        if latent.shape[0] != pixel.shape[0]:
+            raise ValueError(f"pixel and latent batch sizes differ: {pixel.shape[0]} vs {latent.shape[0]}")
+
+    def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """pixel: VAE-decoded RGB (B, 3, H, W) in [0, 1]; latent: the unscaled VAE latent (B, 4, H/8, W/8).
+        Returns the raw (B, 4, H, W) output: alpha, then R, G, B."""
+        self.check_inputs(pixel, latent)
+        latent_features = self.latent_conv_in(latent.to(self.dtype))
+        sample = self.conv_in(pixel.to(self.dtype))
+        skips = (sample,)
+        for i, block in enumerate(self.down_blocks):
+            if i == LATENT_BLOCK:
+                sample = sample + latent_features
+            sample, res_samples = block(hidden_states=sample, temb=None)
+            skips += res_samples
+        sample = self.mid_block(sample, None)
+        for block in self.up_blocks:
+            res_samples, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            sample = block(sample, res_samples, None)
+        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+
+    def estimate(self, pixel: torch.Tensor, latent: torch.Tensor, augment: bool = False,
+                 passes_per_batch: int = 8) -> torch.Tensor:
+        """(alpha, R, G, B) in [0, 1]. `augment` runs the official 8 passes (4 quarter turns, each with and
+        without a horizontal flip) and takes the per-pixel median (the lower middle value, as `torch.median`).
+        `passes_per_batch` (1-8) trades memory for speed: passes that share a shape run together in batches
+        of at most that many."""
+        if not augment:
+            return self(pixel, latent).clamp(0, 1)
+        if not 1 <= passes_per_batch <= len(AUGMENTATIONS):
+            raise ValueError(f"passes_per_batch must be between 1 and {len(AUGMENTATIONS)}, got {passes_per_batch}")
+        batch = pixel.shape[0]
+        outputs = []
+        for start in range(0, len(AUGMENTATIONS), passes_per_batch):
+            chunk = AUGMENTATIONS[start:start + passes_per_batch]
+            # quarter turns by an odd number transpose a non-square image: run the two shapes apart
+            for group in (tuple(a for a in chunk if a[1] % 2 == 0), tuple(a for a in chunk if a[1] % 2 == 1)):
+                if not group:
+                    continue
+                feed_pixel = torch.cat([_augment(pixel, *a) for a in group])
+                feed_latent = torch.cat([_augment(latent, *a) for a in group])
+                estimates = self(feed_pixel, feed_latent).clamp(0, 1).split(batch)
+                outputs += [_unaugment(e, *a) for e, a in zip(estimates, group)]
+        return torch.stack(outputs).median(dim=0).values
+
+
+def _augment(x: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+    x = torch.flip(x, dims=(3,)) if flip else x
+    return torch.rot90(x, k=quarter_turns, dims=(2, 3))
+
+
+def _unaugment(x: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+    x = torch.rot90(x, k=-quarter_turns, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if flip else x
+
+
+@dataclass
+class TransparentVAEOutput(BaseOutput):
+    """What training needs from one RGBA -> latent -> RGBA round trip."""
+
+    rgba: torch.Tensor  # the transparent decoder's raw estimate as (R, G, B, A), not clipped
+    pixel: torch.Tensor  # the frozen VAE's decoding of the transparent latent, in [-1, 1]
+    latent: torch.Tensor  # the unscaled latent with the offset
+
+
+class TransparentVAE(nn.Module):
+    """A Stable Diffusion `AutoencoderKL` with latent transparency: `encode(rgba)` -> latents that carry the
+    alpha channel yet decode to the premultiplied image with the plain VAE; `decode(latents)` -> RGBA.
+
+    Latents are scaled like the pipelines' (`vae.config.scaling_factor`), so `encode`/`decode` stand in for the
+    usual `vae.encode(...).latent_dist.sample() * scaling_factor` and `vae.decode(latents / scaling_factor)`.
+    The folder layout of `save_pretrained` (`vae/`, `transparent_encoder/`, `transparent_decoder/`) is the one a
+    transparent pipeline uses, so `from_pretrained` also reads those parts out of a saved pipeline.
+    """
+
+    SUBFOLDERS = {"vae": AutoencoderKL, "transparent_encoder": LatentTransparencyEncoder,
+                  "transparent_decoder": TransparentVAEDecoder}
+
+    def __init__(self, vae: AutoencoderKL, transparent_decoder: TransparentVAEDecoder,
+                 transparent_encoder: LatentTransparencyEncoder | None = None):
+        super().__init__()
+        self.vae, self.transparent_decoder, self.transparent_encoder = vae, transparent_decoder, transparent_encoder
+        if transparent_decoder.config.latent_channels != vae.config.latent_channels:
+            raise ValueError(f"the transparent decoder reads {transparent_decoder.config.latent_channels}-channel latents "
+                             f"but the VAE makes {vae.config.latent_channels}")
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if vae_factor != 2 ** LATENT_BLOCK:
+            raise ValueError(f"the transparent decoder expects latents at 1/{2 ** LATENT_BLOCK} of the image size; "
+                             f"this VAE downsamples by {vae_factor}")
+        if transparent_encoder is not None and transparent_encoder.downsample_factor != vae_factor:
+            raise ValueError(f"the transparent encoder downsamples by {transparent_encoder.downsample_factor}, "
+                             f"the VAE by {vae_factor}")
+        vae.requires_grad_(False)  # the pretrained latent space stays exactly as it was
+
+    @classmethod
+    def from_configs(cls, vae: dict, transparent_decoder: dict, transparent_encoder: dict | None = None,
+                     base_vae: str | None = None) -> "TransparentVAE":
+        """Randomly initialised encoder and decoder from config dicts; the VAE from `base_vae` (a path or Hub
+        id of an `AutoencoderKL`, e.g. "stabilityai/sdxl-vae") when given, else random from `vae`."""
+        sd_vae = AutoencoderKL.from_pretrained(base_vae) if base_vae else AutoencoderKL.from_config(vae)
+        encoder = LatentTransparencyEncoder.from_config(transparent_encoder) if transparent_encoder is not None else None
+        return cls(sd_vae, TransparentVAEDecoder.from_config(transparent_decoder), encoder)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        channels = self.vae.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != channels:
+            raise ValueError(f"expected latents of shape (batch, {channels}, height / 8, width / 8) from this VAE, "
+                             f"got {tuple(latents.shape)}; latents of another VAE cannot be decoded with it")
+
+    def posterior(self, rgba: torch.Tensor):
+        """The frozen VAE's posterior for RGBA: it sees the colour premultiplied by alpha in [-1, 1] (the image
+        over mid-grey), exactly what the official encoder feeds it."""
+        _check_rgba(rgba)
+        premultiplied = (rgba[:, :3] * 2 - 1) * rgba[:, 3:]
+        return self.vae.encode(premultiplied.to(self.vae.dtype)).latent_dist
+
+    def encode_unscaled(self, rgba: torch.Tensor) -> torch.Tensor:
+        """The latent with transparency, `mean + std * offset`, before the pipeline's scaling."""
+        if self.transparent_encoder is None:
+            raise ValueError("this TransparentVAE has no transparent encoder; load one to encode RGBA images")
+        posterior = self.posterior(rgba)
+        offset = self.transparent_encoder(rgba.to(self.transparent_encoder.dtype))
+        return posterior.mean + posterior.std * offset.to(posterior.mean.dtype)
+
+    def encode(self, rgba: torch.Tensor) -> torch.Tensor:
+        """Straight RGBA (B, 4, H, W) in [0, 1] -> scaled latents carrying transparency."""
+        return self.encode_unscaled(rgba) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor, augment: bool = False, passes_per_batch: int = 8) -> torch.Tensor:
+        """Scaled latents (B, 4, H/8, W/8) -> straight RGBA (B, 4, H, W) in [0, 1]; `augment` = the 8-pass median."""
+        self._check_latents(latents)
+        latent = latents / self.scaling_factor
+        pixel = (self.vae.decode(latent.to(self.vae.dtype)).sample * 0.5 + 0.5).clamp(0, 1)
+        estimate = self.transparent_decoder.estimate(pixel, latent, augment=augment, passes_per_batch=passes_per_batch)
+        return _alpha_last(estimate)
+
+    def forward(self, rgba: torch.Tensor) -> TransparentVAEOutput:
+        """Encode and decode straight RGBA in [0, 1] (one pass, unclipped): the training round trip."""
+        latent = self.encode_unscaled(rgba)
+        decoded = self.vae.decode(latent).sample
+        estimate = self.transparent_decoder((decoded * 0.5 + 0.5).clamp(0, 1), latent)
+        return TransparentVAEOutput(rgba=_alpha_last(estimate), pixel=decoded, latent=latent)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        for name in self.SUBFOLDERS:
+            part = getattr(self, name)
+            if part is not None:
+                part.save_pretrained(Path(save_directory) / name, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "TransparentVAE":
+        """From a folder or Hub repo with `vae/`, `transparent_decoder/` and optionally `transparent_encoder/`
+        (a saved transparent pipeline has them all)."""
+        parts = {}
+        for name, part_class in cls.SUBFOLDERS.items():
+            try:
+                parts[name] = part_class.from_pretrained(path, subfolder=name, **kwargs)
+            except OSError as error:
+                if name == "transparent_encoder":  # optional: a decode-only model
+                    parts[name] = None
+                    continue
+                raise OSError(f"{path} has no loadable {name}/ folder: {error}") from error
+        return cls(**parts)
+
+
+def _alpha_last(estimate: torch.Tensor) -> torch.Tensor:
+    """The decoder's (A, R, G, B) as RGBA."""
+    return torch.cat([estimate[:, 1:], estimate[:, :1]], dim=1)

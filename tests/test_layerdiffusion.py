@@ -1,0 +1,370 @@
+"""LayerDiffuse latent transparency: encoder, decoder, TransparentVAE, pipelines, training."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hfpapers
+from hfpapers import data
+from hfpapers.methods.layerdiffusion import (
+    LatentTransparencyEncoder,
+    TransparentStableDiffusionImg2ImgPipeline,
+    TransparentStableDiffusionPipeline,
+    TransparentStableDiffusionXLImg2ImgPipeline,
+    TransparentStableDiffusionXLPipeline,
+    TransparentVAE,
+    TransparentVAEDecoder,
+    pad_rgb,
+)
+from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import _area_resize
+from hfpapers.testing.tiny_diffusion import tiny_sd15_parts, tiny_sdxl_parts
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> TransparentVAE:
+    torch.manual_seed(0)
+    model = hfpapers.create_model("layerdiffusion", "tiny").eval()
+    for parameter in model.transparent_encoder.parameters():  # a non-zero offset, so that it is visible
+        torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+def random_rgba(batch=2, height=64, width=64, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rgba = torch.rand(batch, 4, height, width, generator=generator)
+    rgba[:, 3] = (rgba[:, 3] > 0.5).float() * rgba[:, 3]  # some fully transparent pixels
+    return rgba
+
+
+# --- architectures ------------------------------------------------------------------------------------------
+
+def test_released_sizes():
+    encoder = LatentTransparencyEncoder()
+    assert sum(p.numel() for p in encoder.parameters()) == 1_181_764  # the released encoder
+    assert [k for k in encoder.state_dict()][::2] == [f"blocks.{i}.weight" for i in range(0, 17, 2)]
+    decoder = TransparentVAEDecoder()
+    # the released UNet1024: 104.1M parameters in 538 tensors, loaded with strict=True by the official code
+    assert len(decoder.state_dict()) == 538
+    assert round(sum(p.numel() for p in decoder.parameters()) / 1e5) == 1041
+
+
+def test_encoder_parameter_count_in_closed_form():
+    channels = (8, 16, 24)
+    encoder = LatentTransparencyEncoder(block_out_channels=channels, latent_channels=4)
+    conv = lambda i, o: i * o * 9 + o  # noqa: E731
+    expected, previous = 0, 4
+    for c in channels:
+        expected += conv(previous, c) + conv(c, c)
+        previous = c
+    expected += conv(previous, 4)
+    assert sum(p.numel() for p in encoder.parameters()) == expected
+    assert encoder(torch.rand(1, 4, 32, 32)).shape == (1, 4, 8, 8)
+
+
+def test_untrained_parts_start_neutral():
+    """The offset's last conv and the decoder's latent input are zero-initialised, as the official code."""
+    encoder = LatentTransparencyEncoder(block_out_channels=(8, 8, 8, 8))
+    assert torch.equal(encoder(torch.rand(2, 4, 16, 16)), torch.zeros(2, 4, 2, 2))
+    decoder = TransparentVAEDecoder(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4)
+    pixel = torch.rand(1, 3, 16, 16)
+    assert torch.equal(decoder(pixel, torch.randn(1, 4, 2, 2)), decoder(pixel, torch.zeros(1, 4, 2, 2)))
+
+
+# --- padded RGB ------------------------------------------------------------------------------------------------
+
+def test_area_resize_matches_average_pooling_and_a_hand_example():
+    image = torch.rand(1, 1, 12, 8, dtype=torch.float64)
+    assert torch.allclose(_area_resize(image, 6, 4), F.avg_pool2d(image, 2))
+    row = torch.tensor([[[[1.0, 2.0, 4.0]]]], dtype=torch.float64)
+    # 3 -> 2 pixels: each output covers 1.5 inputs: (1 + 0.5*2) / 1.5 and (0.5*2 + 4) / 1.5
+    assert torch.allclose(_area_resize(row, 1, 2), torch.tensor([[[[2 / 1.5, 5 / 1.5]]]], dtype=torch.float64))
+
+
+def test_pad_rgb_keeps_visible_colour_and_ignores_hidden_colour():
+    rgba = random_rgba(height=40, width=56).double()
+    rgba[:, 3][rgba[:, 3] > 0.9] = 1.0
+    padded = pad_rgb(rgba)
+    opaque = (rgba[:, 3:] == 1).expand(-1, 3, -1, -1)
+    assert torch.allclose(padded[opaque], rgba[:, :3][opaque])
+    changed = rgba.clone()
+    changed[:, :3] = torch.where(rgba[:, 3:] == 0, torch.rand_like(rgba[:, :3]), rgba[:, :3])
+    assert torch.allclose(pad_rgb(changed), padded)  # what cannot be seen does not matter
+
+
+def test_pad_rgb_fills_a_single_colour_everywhere():
+    rgba = torch.zeros(1, 4, 33, 47, dtype=torch.float64)
+    colour = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)[:, None, None]
+    rgba[0, :3] = torch.rand(3, 33, 47)  # hidden junk
+    rgba[0, :3, 10:20, 5:9] = colour
+    rgba[0, 3, 10:20, 5:9] = 1
+    assert torch.allclose(pad_rgb(rgba)[0], colour.expand(3, 33, 47))
+
+
+# --- TransparentVAE --------------------------------------------------------------------------------------------
+
+def test_offset_injection_is_mean_plus_std_times_offset(tiny_vae):
+    rgba = random_rgba()
+    with torch.no_grad():
+        posterior = tiny_vae.vae.encode((rgba[:, :3] * 2 - 1) * rgba[:, 3:]).latent_dist
+        offset = tiny_vae.transparent_encoder(rgba)
+        expected = (posterior.mean + posterior.std * offset) * tiny_vae.vae.config.scaling_factor
+        assert offset.abs().max() > 0
+        assert torch.allclose(tiny_vae.encode(rgba), expected, atol=1e-6)
+
+
+def test_decoder_channel_order_is_alpha_first(tiny_vae):
+    decoder = TransparentVAEDecoder.from_config(tiny_vae.transparent_decoder.config)
+    torch.nn.init.zeros_(decoder.conv_out.weight)
+    decoder.conv_out.bias.data = torch.tensor([0.9, 0.1, 0.2, 0.3])  # alpha, R, G, B
+    model = TransparentVAE(tiny_vae.vae, decoder, tiny_vae.transparent_encoder)
+    with torch.no_grad():
+        rgba = model.decode(torch.randn(1, 4, 8, 8))
+    assert torch.allclose(rgba[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3, 0.9]))
+
+
+def test_augmented_decoding_is_the_median_of_eight_transformed_passes(tiny_vae):
+    decoder = tiny_vae.transparent_decoder
+    for parameter in decoder.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    pixel, latent = torch.rand(1, 3, 64, 128), torch.randn(1, 4, 8, 16)
+    passes = []
+    with torch.no_grad():
+        for flip in (False, True):
+            for k in range(4):  # the official loop, one pass at a time
+                p, z = (torch.flip(x, dims=(3,)) if flip else x for x in (pixel, latent))
+                out = torch.rot90(decoder(torch.rot90(p, k, (2, 3)), torch.rot90(z, k, (2, 3))).clip(0, 1), -k, (2, 3))
+                passes.append(torch.flip(out, dims=(3,)) if flip else out)
+        expected = torch.stack(passes).median(dim=0).values
+        for passes_per_batch in (1, 3, 8):
+            got = decoder.estimate(pixel, latent, augment=True, passes_per_batch=passes_per_batch)
+            assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_bad_inputs_get_clear_errors(tiny_vae):
+    with pytest.raises(ValueError, match="multiples of 64"):
+        TransparentVAEDecoder()(torch.rand(1, 3, 96, 64), torch.randn(1, 4, 12, 8))
+    with pytest.raises(ValueError, match="RGBA"):
+        tiny_vae.encode(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="another VAE"):
+        tiny_vae.decode(torch.randn(1, 16, 8, 8))
+    with pytest.raises(ValueError, match="passes_per_batch"):
+        tiny_vae.decode(torch.randn(1, 4, 8, 8), augment=True, passes_per_batch=9)
+
+
+def test_save_and_load_round_trip(tiny_vae, tmp_path):
+    tiny_vae.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transparent_decoder", "transparent_encoder", "vae"]
+    assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
+    loaded = TransparentVAE.from_pretrained(tmp_path)
+    rgba = random_rgba()
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(loaded.encode(rgba)), tiny_vae.decode(tiny_vae.encode(rgba)))
+
+
+# --- pipelines ---------------------------------------------------------------------------------------------------
+
+def sd15_pipeline(tiny_vae):
+    return TransparentStableDiffusionPipeline(vae=tiny_vae.vae, transparent_decoder=tiny_vae.transparent_decoder,
+                                              transparent_encoder=tiny_vae.transparent_encoder, **tiny_sd15_parts())
+
+
+def test_sd15_text_to_image_returns_rgba_of_the_requested_size(tiny_vae, tmp_path):
+    pipe = sd15_pipeline(tiny_vae)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red cat", height=64, width=128, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    image, preview = out.images[0], out.previews[0]
+    assert image.mode == "RGBA" and image.size == (128, 64) and preview.mode == "RGB" and preview.size == (128, 64)
+    # the preview is the RGBA over the grey checkerboard
+    rgba = np.asarray(image, dtype=np.float64) / 255
+    board = np.where((np.arange(64)[:, None] // 64 + np.arange(128)[None, :] // 64) % 2, 0.55, 0.45)[..., None]
+    expected = rgba[..., :3] * rgba[..., 3:] + board * (1 - rgba[..., 3:])
+    assert np.abs(np.asarray(preview, dtype=np.float64) / 255 - expected).max() <= 2 / 255
+    arrays = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert arrays.shape == (1, 64, 64, 4) and 0 <= arrays.min() and arrays.max() <= 1
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe("a red cat", height=60, width=64, num_inference_steps=2)
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = TransparentStableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    again = reloaded("a red cat", height=64, width=128, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(image))
+    assert TransparentVAE.from_pretrained(tmp_path / "pipe").transparent_encoder is not None
+
+
+def test_remote_code_layout_loads_without_hfpapers(tiny_vae, tmp_path):
+    pipe = sd15_pipeline(tiny_vae)
+    pipe.save_pretrained(tmp_path, remote_code=True)
+    code = (
+        "import sys, importlib.abc, torch\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'hfpapers': raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "out = pipe('a red cat', height=64, width=64, num_inference_steps=2)\n"
+        "print(type(pipe).__name__, out.images[0].mode, out.images[0].size)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-4:] == ["TransparentStableDiffusionPipeline", "RGBA", "(64,", "64)"]
+
+
+def test_sd15_image_to_image_keeps_size_and_needs_alpha(tiny_vae):
+    pipe = TransparentStableDiffusionImg2ImgPipeline(**sd15_pipeline(tiny_vae).components)
+    pipe.set_progress_bar_config(disable=True)
+    source = PIL.Image.new("RGBA", (64, 128), (200, 30, 30, 0))
+    source.paste((200, 30, 30, 255), (16, 16, 48, 100))
+    out = pipe("a red box", image=source, strength=0.5, num_inference_steps=4)
+    assert out.images[0].mode == "RGBA" and out.images[0].size == (64, 128)
+    with pytest.raises(ValueError, match="not RGBA"):
+        pipe("a red box", image=source.convert("RGB"), strength=0.5, num_inference_steps=4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe("a red box", image=source.crop((0, 0, 60, 64)), strength=0.5, num_inference_steps=4)
+
+
+def test_sdxl_text_to_image_and_image_to_image(tiny_vae):
+    pipe = TransparentStableDiffusionXLPipeline(vae=tiny_vae.vae, transparent_decoder=tiny_vae.transparent_decoder,
+                                                transparent_encoder=tiny_vae.transparent_encoder, **tiny_sdxl_parts())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red cat", height=64, width=64, num_inference_steps=2, augment=True, passes_per_batch=4)
+    assert out.images[0].mode == "RGBA" and out.images[0].size == (64, 64)
+    img2img = TransparentStableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    again = img2img("a red cat", image=out.images[0], strength=0.5, num_inference_steps=4, output_type="pt")
+    assert again.images.shape == (1, 4, 64, 64)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def test_loss_terms_match_a_hand_computation():
+    from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import TransparentVAEOutput
+    from hfpapers.methods.layerdiffusion.recipe import LayerDiffusionRecipe, alpha_metrics
+
+    rgba = torch.zeros(1, 4, 8, 8)
+    rgba[0, :, :4] = torch.tensor([1.0, 0.0, 0.0, 1.0])[:, None, None]  # the top half opaque red
+    output = TransparentVAEOutput(rgba=torch.full((1, 4, 8, 8), 0.5), pixel=torch.zeros(1, 3, 8, 8), latent=None)
+    terms = LayerDiffusionRecipe().losses(output, rgba)
+    # alpha: 0.25 everywhere; colour: the padded RGB is red everywhere -> (0.25 + 0.25 + 0.25) / 3
+    assert terms["reconstruction"].item() == pytest.approx(0.25 + 0.25)
+    # identity: premultiplied target is (1, -1, -1) on the top half, 0 below; prediction 0
+    assert terms["identity"].item() == pytest.approx(3 * 32 / (3 * 64))
+    metrics = alpha_metrics(torch.tensor([[0.9, 0.9, 0.1, 0.6]]), torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    assert metrics["alpha_iou"].item() == pytest.approx(2 / 3)
+    assert metrics["alpha_mae"].item() == pytest.approx((0.1 + 0.9 + 0.1 + 0.4) / 4)
+
+
+def test_rgb_training_data_is_refused():
+    from hfpapers.methods.layerdiffusion.recipe import LayerDiffusionRecipe
+
+    rgb = data.load("shapes", resolution=16, num_train=4, num_test=2)["train"]
+    with pytest.raises(ValueError, match="'RGB', not RGBA"):
+        LayerDiffusionRecipe().prepare_dataset(rgb, None)
+
+
+@pytest.mark.slow
+def test_tiny_training_learns_alpha_and_keeps_the_latent_harmless(tmp_path):
+    from hfpapers.engine import evaluate_folder, train
+    from hfpapers.methods.layerdiffusion.recipe import LayerDiffusionRecipe
+
+    layers = {"resolution": 32, "num_train": 512, "num_test": 64}
+    result = train("layerdiffusion", str(tmp_path), dataset_kwargs=layers, progress_bar=False, num_epochs=4,
+                   per_device_train_batch_size=8, pretrain_vae_steps=150)
+    trained = result.eval_metrics
+    # The same model before training: its pretrained VAE with a fresh (zero-offset) encoder and decoder.
+    model = TransparentVAE.from_pretrained(tmp_path)
+    fresh = TransparentVAE(model.vae, TransparentVAEDecoder.from_config(model.transparent_decoder.config),
+                           LatentTransparencyEncoder.from_config(model.transparent_encoder.config)).eval()
+    recipe = LayerDiffusionRecipe()
+    test = recipe.prepare_dataset(data.load("rgba_layers", required=("image",), **layers)["test"], None)
+    with torch.no_grad():
+        untrained = recipe.compute_metrics(recipe.eval_outputs(fresh, {"rgba": test.tensors["rgba"]}))
+    print({"trained": trained, "untrained": untrained})
+    assert trained["alpha_iou"] > untrained["alpha_iou"] + 0.2
+    assert trained["alpha_mae"] < 0.6 * untrained["alpha_mae"]
+    # the offset stays nearly invisible to the frozen VAE: close to the VAE's own reconstruction error
+    assert trained["identity_mse"] < 1.5 * trained["vae_mse"] + 0.01
+    assert evaluate_folder(str(tmp_path))["alpha_iou"] == pytest.approx(trained["alpha_iou"], abs=1e-4)
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: diffusers" in card and "TransparentVAE.from_pretrained" in card
+
+
+def test_gan_term_trains_the_discriminator_only_on_its_own_loss():
+    from hfpapers.methods.layerdiffusion.recipe import LayerDiffusionRecipe, PatchDiscriminator, \
+        TransparentVAEWithDiscriminator
+
+    torch.manual_seed(0)
+    model = TransparentVAEWithDiscriminator(hfpapers.create_model("layerdiffusion", "tiny"),
+                                            PatchDiscriminator(channels=8, num_layers=2))
+    rgba = random_rgba(batch=2, height=32, width=32)
+    recipe = LayerDiffusionRecipe(gan_weight=0.5)
+    recipe.compute_loss(model, {"rgba": rgba}, None).backward()
+    disc_grads = [p.grad.clone() for p in model.discriminator.parameters()]
+    decoder_grads = [p.grad.clone() for p in model.transparent_vae.transparent_decoder.parameters()]
+    model.zero_grad()
+    # by hand: the discriminator's hinge loss on detached fakes, the generator's terms through a fixed critic
+    output = model(rgba)
+    fake = output.rgba.clamp(0, 1)
+    hinge = F.relu(1 - model.discriminator(rgba)).mean() + F.relu(1 + model.discriminator(fake.detach())).mean()
+    hand_disc = torch.autograd.grad(hinge, list(model.discriminator.parameters()))
+    terms = recipe.losses(output, rgba)
+    generator = terms["reconstruction"] + terms["identity"] - 0.5 * model.discriminator(fake).mean()
+    hand_decoder = torch.autograd.grad(generator, list(model.transparent_vae.transparent_decoder.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(disc_grads, hand_disc))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(decoder_grads, hand_decoder))
+
+
+def test_push_and_load_by_repo_id(tiny_vae, tmp_path):
+    from hfpapers.hub import push
+    from hfpapers.testing import LocalHub
+
+    tiny_vae.save_pretrained(tmp_path / "model")
+    with LocalHub(data_dir=tmp_path / "hub") as hub:
+        push(tmp_path / "model", "me/tiny-transparent-vae", endpoint=hub.url, token="hf_fake")
+        code = (
+            "import torch\n"
+            "from hfpapers.methods.layerdiffusion import TransparentVAE\n"
+            "model = TransparentVAE.from_pretrained('me/tiny-transparent-vae')\n"
+            "torch.manual_seed(0)\n"
+            "print(model.decode(torch.randn(1, 4, 8, 8)).sum().item())\n"
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"),
+               "HF_TOKEN": "hf_fake", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = tiny_vae.decode(torch.randn(1, 4, 8, 8)).sum().item()
+    assert float(proc.stdout.split()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sd15_pipeline_with_the_attention_sharing_patcher(tiny_vae):
+    """The released SD 1.5 transparent model is an attention-sharing patcher (frames=1) on the UNet; the layer
+    models (frames=3 / 2) need a batch that is a multiple of the frames."""
+    from hfpapers.methods.layerdiffusion import AttentionSharingAdapter
+
+    pipe = sd15_pipeline(tiny_vae)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = AttentionSharingAdapter.from_unet(pipe.unet, frames=1, rank=4)
+    for parameter in adapter.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    plain = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    adapter.install(pipe.unet)
+    patched = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert patched.shape == (1, 4, 64, 64) and not torch.equal(patched, plain)
+    joint = sd15_pipeline(tiny_vae)
+    AttentionSharingAdapter.from_unet(joint.unet, frames=3, rank=4).install(joint.unet)
+    with pytest.raises(ValueError, match="multiple of"):
+        joint("a red cat", height=64, width=64, num_inference_steps=2, num_images_per_prompt=2)
