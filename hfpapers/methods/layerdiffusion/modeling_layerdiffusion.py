@@ -250,11 +250,12 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
     def estimate(self, pixel: torch.Tensor, latent: torch.Tensor, augment: bool = False,
-                 passes_per_batch: int = 8) -> torch.Tensor:
+                 passes_per_batch: int = 1) -> torch.Tensor:
         """(alpha, R, G, B) in [0, 1]. `augment` runs the official 8 passes (4 quarter turns, each with and
         without a horizontal flip) and takes the per-pixel median (the lower middle value, as `torch.median`).
         `passes_per_batch` (1-8) trades memory for speed: passes that share a shape run together in batches
-        of at most that many."""
+        of at most that many. The default, one at a time, is the official loop's memory (on a 2-core CPU batching
+        buys no speed; see evaluation/benchmarks/layerdiffusion_decoder.py)."""
         if not augment:
             return self(pixel, latent).clamp(0, 1)
         if not 1 <= passes_per_batch <= len(AUGMENTATIONS):
@@ -360,7 +361,7 @@ class TransparentVAE(nn.Module):
         """Straight RGBA (B, 4, H, W) in [0, 1] -> scaled latents carrying transparency."""
         return self.encode_unscaled(rgba) * self.scaling_factor
 
-    def decode(self, latents: torch.Tensor, augment: bool = False, passes_per_batch: int = 8) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, augment: bool = False, passes_per_batch: int = 1) -> torch.Tensor:
         """Scaled latents (B, 4, H/8, W/8) -> straight RGBA (B, 4, H, W) in [0, 1]; `augment` = the 8-pass median."""
         self._check_latents(latents)
         latent = latents / self.scaling_factor

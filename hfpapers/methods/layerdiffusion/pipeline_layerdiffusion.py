@@ -103,7 +103,7 @@ class _Transparent:
 class _TextToImage(_Transparent):
     @torch.no_grad()
     def __call__(self, prompt=None, height: int | None = None, width: int | None = None, *, augment: bool = False,
-                 passes_per_batch: int = 8, output_type: str = "pil", return_dict: bool = True, **kwargs):
+                 passes_per_batch: int = 1, output_type: str = "pil", return_dict: bool = True, **kwargs):
         """The parent pipeline's arguments, plus `augment` (the decoder's 8-pass median) and `passes_per_batch`."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -114,7 +114,7 @@ class _TextToImage(_Transparent):
 
 class _ImageToImage(_Transparent):
     @torch.no_grad()
-    def __call__(self, prompt=None, image=None, *, augment: bool = False, passes_per_batch: int = 8,
+    def __call__(self, prompt=None, image=None, *, augment: bool = False, passes_per_batch: int = 1,
                  output_type: str = "pil", return_dict: bool = True, **kwargs):
         """`image`: RGBA PIL image(s) or a (B, 4, H, W) tensor in [0, 1]; the rest as the parent pipeline's."""
         latents = super().__call__(prompt, image=self.encode_rgba(image), output_type="latent", **kwargs).images
