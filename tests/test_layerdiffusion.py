@@ -307,7 +307,7 @@ def test_gan_term_trains_the_discriminator_only_on_its_own_loss():
     model = TransparentVAEWithDiscriminator(hfpapers.create_model("layerdiffusion", "tiny"),
                                             PatchDiscriminator(channels=8, num_layers=2))
     rgba = random_rgba(batch=2, height=32, width=32)
-    recipe = LayerDiffusionRecipe(gan_weight=0.5)
+    recipe = LayerDiffusionRecipe(gan_weight=0.5, dihedral_augmentation=False)
     recipe.compute_loss(model, {"rgba": rgba}, None).backward()
     disc_grads = [p.grad.clone() for p in model.discriminator.parameters()]
     decoder_grads = [p.grad.clone() for p in model.transparent_vae.transparent_decoder.parameters()]

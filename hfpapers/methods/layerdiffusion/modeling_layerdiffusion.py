@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["LatentTransparencyEncoder", "TransparentVAEDecoder", "TransparentVAE", "TransparentVAEOutput", "pad_rgb",
-           "checkerboard_preview", "rgba_to_tensor", "AUGMENTATIONS"]
+           "checkerboard_preview", "rgba_to_tensor", "dihedral", "AUGMENTATIONS"]
 
 # The decoder adds the latent to its features just before this down block: after three halvings, at the
 # VAE's 1/8 latent resolution.
@@ -268,14 +268,15 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
             for group in (tuple(a for a in chunk if a[1] % 2 == 0), tuple(a for a in chunk if a[1] % 2 == 1)):
                 if not group:
                     continue
-                feed_pixel = torch.cat([_augment(pixel, *a) for a in group])
-                feed_latent = torch.cat([_augment(latent, *a) for a in group])
+                feed_pixel = torch.cat([dihedral(pixel, *a) for a in group])
+                feed_latent = torch.cat([dihedral(latent, *a) for a in group])
                 estimates = self(feed_pixel, feed_latent).clamp(0, 1).split(batch)
                 outputs += [_unaugment(e, *a) for e, a in zip(estimates, group)]
         return torch.stack(outputs).median(dim=0).values
 
 
-def _augment(x: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+def dihedral(x: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
+    """One of the 8 test-time transforms of (B, C, H, W): an optional horizontal flip, then quarter turns."""
     x = torch.flip(x, dims=(3,)) if flip else x
     return torch.rot90(x, k=quarter_turns, dims=(2, 3))
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...engine import Recipe, TensorDataset
 from ...registry import create_model
-from .modeling_layerdiffusion import TransparentVAE, pad_rgb, rgba_to_tensor
+from .modeling_layerdiffusion import AUGMENTATIONS, TransparentVAE, dihedral, pad_rgb, rgba_to_tensor
 
 
 def premultiplied(rgba: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,8 @@ class LayerDiffusionRecipe(Recipe):
     gan_weight: float = 0.0  # [recall] the paper's PatchGAN term (0.01); 0 = no discriminator
     base_vae: str | None = None  # the frozen AutoencoderKL (path or Hub id); None: a preset's VAE, pretrained here
     pretrain_vae_steps: int = 300  # steps of that pretraining when no base_vae is given
+    # each batch flipped / turned at random: the decoder then agrees with itself across the 8 test-time passes
+    dihedral_augmentation: bool = True
 
     defaults = {"num_epochs": 7, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
                 "learning_rate": 6e-3, "lr_scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0}
@@ -137,6 +139,8 @@ class LayerDiffusionRecipe(Recipe):
 
     def compute_loss(self, model, batch, step_rng):
         rgba = batch["rgba"]
+        if self.dihedral_augmentation:
+            rgba = dihedral(rgba, *AUGMENTATIONS[torch.randint(len(AUGMENTATIONS), (1,), generator=step_rng).item()])
         output = model(rgba)
         terms = self.losses(output, rgba)
         loss = terms["reconstruction"] + self.identity_weight * terms["identity"]
