@@ -368,3 +368,14 @@ def test_sd15_pipeline_with_the_attention_sharing_patcher(tiny_vae):
     AttentionSharingAdapter.from_unet(joint.unet, frames=3, rank=4).install(joint.unet)
     with pytest.raises(ValueError, match="multiple of"):
         joint("a red cat", height=64, width=64, num_inference_steps=2, num_images_per_prompt=2)
+
+
+def test_a_decode_only_model_loads_and_a_broken_encoder_is_an_error(tiny_vae, tmp_path):
+    TransparentVAE(tiny_vae.vae, tiny_vae.transparent_decoder).save_pretrained(tmp_path)
+    loaded = TransparentVAE.from_pretrained(tmp_path)
+    assert loaded.transparent_encoder is None
+    with pytest.raises(ValueError, match="no transparent encoder"):
+        loaded.encode(random_rgba())
+    (tmp_path / "transparent_encoder").mkdir()
+    with pytest.raises(OSError, match="transparent_encoder"):
+        TransparentVAE.from_pretrained(tmp_path)

@@ -392,7 +392,8 @@ class TransparentVAE(nn.Module):
             try:
                 parts[name] = part_class.from_pretrained(path, subfolder=name, **kwargs)
             except OSError as error:
-                if name == "transparent_encoder":  # optional: a decode-only model
+                # the encoder is optional (a decode-only model), but one that is there and broken is an error
+                if name == "transparent_encoder" and not (Path(path) / name).is_dir():
                     parts[name] = None
                     continue
                 raise OSError(f"{path} has no loadable {name}/ folder: {error}") from error
