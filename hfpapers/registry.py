@@ -50,6 +50,7 @@ class MethodRecord:
     bibtex: str
     time_budget_s: int  # wall-clock budget of the default preset in `hfpapers zoo build`
     processor: str | None = None  # dotted path of a function config -> image processor or tokenizer
+    processor_class: str | None = None  # dotted path of the method's own ProcessorMixin, registered with AutoProcessor
     pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
     status: str = "complete"
     library: str = "transformers"  # or "diffusers": no Auto classes to register; components load by module path
@@ -223,6 +224,10 @@ def register_record(record: MethodRecord) -> None:
         model_class = record.load(dotted)
         getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_name)
+    if record.processor_class:
+        processor_class = record.load(record.processor_class)
+        transformers.AutoProcessor.register(config_class, processor_class, exist_ok=True)
+        processor_class.register_for_auto_class()
     if record.pipeline_class:
         from transformers.pipelines import PIPELINE_REGISTRY
 

@@ -21,13 +21,14 @@ def test_list_and_info():
     assert [(r["slug"], r["arxiv_id"]) for r in records] == [("efficientvim", "2411.15241"),
                                                              ("layerdiffusion", "2402.17113"),
                                                              ("llm-embedding", "2409.02727"),
+                                                             ("read", "2412.17741"),
                                                              ("scaling-mlp", "2306.13575")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
     assert info["presets"]["B_12-Wi_1024"]["hidden_size"] == 1024
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, layerdiffusion, llm-embedding, scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, layerdiffusion, llm-embedding, read, scaling-mlp"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
     (["eval", "/nonexistent"], "has neither config.json nor hfpapers_run.json"),

@@ -43,15 +43,22 @@ def test_save_load_round_trip_is_bit_exact_through_the_auto_class(record, auto_n
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
     loaded = getattr(transformers, auto_name).from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
-    saved = load_file(tmp_path / "model.safetensors")
+    assert load_file(tmp_path / "model.safetensors")  # (keys may be in transformers' legacy checkpoint layout)
+    original = model.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
     for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+        assert torch.equal(tensor, original[name]), name
     inputs = tiny_inputs(record.task, model.config)
     with torch.no_grad():
         assert torch.equal(first_output(model(**inputs)), first_output(loaded(**inputs)))
 
 
-@pytest.mark.parametrize(("record", "auto_name"), CASES, ids=IDS)
+# READ's SAM image encoder runs without a graph and its LM head does not reach the masks: its recipe decides
+# what trains, and tests/test_read.py checks that every weight it trains gets a gradient.
+GRADIENT_CASES = [(r, a) for r, a in CASES if r.task != "reasoning-segmentation"]
+
+
+@pytest.mark.parametrize(("record", "auto_name"), GRADIENT_CASES, ids=[f"{r.slug}-{a}" for r, a in GRADIENT_CASES])
 def test_gradient_reaches_every_trainable_parameter(record, auto_name):
     model = build(record, auto_name).train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ from hfpapers.registry import MethodRecord
 
 def test_records_describe_each_method():
     records = hfpapers.list_methods()
-    assert [r.slug for r in records] == ["efficientvim", "layerdiffusion", "llm-embedding", "scaling-mlp"]
+    assert [r.slug for r in records] == ["efficientvim", "layerdiffusion", "llm-embedding", "read", "scaling-mlp"]
     record = hfpapers.get_method("scaling-mlp")
     assert isinstance(record, MethodRecord)
     assert record.arxiv_id == "2306.13575" and record.task == "image-classification"
@@ -20,7 +20,7 @@ def test_records_describe_each_method():
 
 
 def test_unknown_slug_and_preset_name_the_known_ones():
-    with pytest.raises(KeyError, match="known methods: efficientvim, layerdiffusion, llm-embedding, scaling-mlp"):
+    with pytest.raises(KeyError, match="known methods: efficientvim, layerdiffusion, llm-embedding, read, scaling-mlp"):
         hfpapers.get_method("no-such-paper")
     with pytest.raises(KeyError, match=r"known presets: tiny, B_6-Wi_512"):
         hfpapers.create_model("scaling-mlp", preset="huge")

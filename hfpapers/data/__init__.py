@@ -2,7 +2,8 @@
 
 Every loader returns a `datasets.DatasetDict` with "train" and "test" splits and, for image classification,
 the columns "image" (PIL) and "label" (a `ClassLabel`); for text embedding, "query", "positive" and
-"negative" strings; for transparent layers, "image" (RGBA PIL).
+"negative" strings; for transparent layers, "image" (RGBA PIL); for reasoning segmentation, "image" (RGB PIL),
+"question" and "answer" strings (the answer holds one "[SEG]") and "mask" (mode "L" PIL, 0 / 255).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any, Callable, Mapping
 
 from .images import build_digits, build_shapes
 from .layers import build_rgba_layers
+from .referring import build_referring_scenes
 from .text import build_triplets
 
 EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes, "triplets": build_triplets,
-                                          "rgba_layers": build_rgba_layers}
+                                          "rgba_layers": build_rgba_layers, "referring_scenes": build_referring_scenes}
 
-__all__ = ["EMBEDDED", "build_digits", "build_rgba_layers", "build_shapes", "build_triplets", "load"]
+__all__ = ["EMBEDDED", "build_digits", "build_referring_scenes", "build_rgba_layers", "build_shapes", "build_triplets",
+           "load"]
 
 
 def load(
