@@ -58,7 +58,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["scaling-mlp", "efficientvim", "llm-embedding", "layerdiffusion"])
+@pytest.mark.parametrize("method", ["scaling-mlp", "efficientvim", "llm-embedding", "layerdiffusion", "read"])
 def test_two_processes_share_the_work(method, tmp_path):
     from accelerate.test_utils.testing import get_launch_command, get_torch_dist_unique_port
 
@@ -75,6 +75,9 @@ def test_two_processes_share_the_work(method, tmp_path):
     elif method == "layerdiffusion":  # RGBA layers; its small VAE's warm-up runs in each process
         command += ["--dataset-option", "resolution=32", "--dataset-option", "num_train=256",
                     "--dataset-option", "num_test=64", "--set", "pretrain_vae_steps=5"]
+    elif method == "read":  # referring scenes; its small SAM's warm-up is a first fit in the same processes
+        command += ["--dataset-option", "num_train=256", "--dataset-option", "num_test=32",
+                    "--set", "sam_pretrain_epochs=1"]
     else:
         command += small_dataset_args()
     if method == "efficientvim":  # its schedule needs more epochs than warm-up + cool-down

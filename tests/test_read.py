@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,7 +226,8 @@ def test_official_trainable_set_and_every_part_gets_a_gradient(scenes, processor
             if "lora_B" in name:
                 param.normal_(0, 0.1)
     model(**batch_of(processor, scenes["train"].select(range(2)))).loss.backward()
-    silent = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    silent = [n for n, p in model.named_parameters()
+              if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not silent
 
 
@@ -307,6 +309,7 @@ def test_an_answer_without_seg_gives_an_empty_mask_and_says_so(saved, caplog):
 def test_the_saved_folder_loads_without_hfpapers(saved):
     code = f"""
 import sys
+from pathlib import Path
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name == "hfpapers" or name.startswith("hfpapers."):
@@ -329,3 +332,38 @@ def test_the_tiny_preset_must_match_the_word_tokenizer():
 
     with pytest.raises(ValueError, match="does not fit the word tokenizer"):
         READRecipe().build_model("read", "tiny", None, {"seg_token_index": 6}, TrainingArguments(output_dir="x"))
+
+
+@pytest.mark.slow
+def test_the_sasp_ablation_trains_both_arms_from_one_sam_and_prints_the_table(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation" / "reproduce"))
+    from read_sasp_ablation import reproduce
+
+    results, table = reproduce(str(tmp_path), seeds=(0,), dataset_kwargs={"num_train": 32, "num_test": 8},
+                               num_epochs=1, sam_pretrain_epochs=1, per_device_train_batch_size=16)
+    assert list(results) == ["READ (SasP points + [SEG])", "LISA ([SEG] only)", "SAM, a click inside + a click outside"]
+    assert all(0.0 <= r["giou"] <= 1.0 for runs in results.values() for r in runs)
+    # the LISA arm reused the READ arm's SAM instead of training its own
+    assert not (tmp_path / "seed0" / "tiny-lisa" / "base-sam").exists()
+    from safetensors.torch import load_file
+
+    sam_keys = load_file(tmp_path / "seed0" / "tiny" / "base-sam" / "model.safetensors")
+    lisa = load_file(tmp_path / "seed0" / "tiny-lisa" / "model.safetensors")
+    name = "vision_encoder.layers.0.attn.qkv.weight"
+    assert torch.equal(sam_keys[name], lisa["sam." + name])  # the frozen SAM image encoder, as pretrained
+    assert table.startswith("| arm | gIoU | cIoU | positive points on the target |") and (tmp_path / "table.md").exists()
+
+
+def test_a_local_parquet_dataset_with_other_column_names_trains_through_the_mapping(tmp_path, processor):
+    from hfpapers.data import build_referring_scenes, load
+    from hfpapers.methods.read.recipe import READRecipe
+
+    scenes = build_referring_scenes(num_train=4, num_test=2)
+    for split, part in scenes.items():
+        part.rename_columns({"image": "img", "question": "query", "answer": "reply", "mask": "target"}).to_parquet(
+            str(tmp_path / f"{split}.parquet"))
+    loaded = load(str(tmp_path), required=READRecipe.columns,
+                  columns={"image": "img", "question": "query", "answer": "reply", "mask": "target"})
+    assert loaded["train"]["question"] == scenes["train"]["question"]
+    batch = batch_of(processor, loaded["train"])
+    assert torch.equal(batch["masks"][0], batch_of(processor, scenes["train"])["masks"][0])

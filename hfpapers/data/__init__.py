@@ -23,6 +23,10 @@ __all__ = ["EMBEDDED", "build_digits", "build_referring_scenes", "build_rgba_lay
            "load"]
 
 
+# Files of a table of examples (rather than an image folder of class sub-folders).
+_TABLE_SUFFIXES = {".parquet", ".arrow", ".jsonl", ".json", ".csv"}
+
+
 def load(
     name: str,
     *,
@@ -52,7 +56,8 @@ def load(
     if unknown:
         raise ValueError(f"cannot map column(s) {sorted(unknown)}: this method reads {list(required)}")
     source = str(Path(name)) if Path(name).exists() else name
-    if Path(source).is_dir() and not any(Path(source).glob("*.py")) and "image" in required:
+    if Path(source).is_dir() and "image" in required and not any(
+            f.suffix in _TABLE_SUFFIXES or f.suffix == ".py" for f in Path(source).rglob("*")):
         loaded = datasets.load_dataset("imagefolder", data_dir=source)
     else:
         loaded = datasets.load_dataset(source)

@@ -63,7 +63,7 @@ SEG_TOKEN = "[SEG]"
 
 MIN_IMAGE_SIZE = 32
 # Radius of the circle with a shape's area, as a fraction of the image's shorter side: 3x the area when large.
-_EQUIVALENT_RADIUS = {"small": 0.072, "large": 0.072 * math.sqrt(3)}
+_EQUIVALENT_RADIUS = {"small": 0.1, "large": 0.1 * math.sqrt(3)}
 _AREA_PER_RADIUS2 = {  # area of the outline drawn with radius r, divided by r^2
     "circle": math.pi, "square": 1.6 ** 2, "triangle": 3 * math.sqrt(3) / 4, "diamond": 1.4,
     "star": 5 * 0.4 * math.sin(math.pi / 5),

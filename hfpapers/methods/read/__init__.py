@@ -14,7 +14,9 @@ _VICUNA_7B = {"model_type": "llama", "vocab_size": 32065, "hidden_size": 4096, "
 _VICUNA_13B = {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
                "num_attention_heads": 40, "num_key_value_heads": 40}
 _SAM_VIT_H = {"vision_config": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
-                                "global_attn_indexes": [7, 15, 23, 31], "output_channels": 256}}
+                                "global_attn_indexes": [7, 15, 23, 31], "output_channels": 256},
+              # the official two-way transformer's LayerNorms keep PyTorch's eps 1e-5 (transformers' default: 1e-6)
+              "mask_decoder_config": {"layer_norm_eps": 1e-5}}
 
 
 def _llava(text_config):
@@ -34,11 +36,13 @@ _TINY = {
                                      "num_key_value_heads": 2, "max_position_embeddings": 256,
                                      "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 2,
                                      "eos_token_id": 3},
-                     "image_token_index": 4, "image_seq_length": 64, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-                     "vision_feature_select_strategy": "default", "tie_word_embeddings": False},
+                     "image_token_index": 4, "image_seq_length": 64, "projector_hidden_act": "gelu",
+                     "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                     "tie_word_embeddings": False},
     "sam_config": {"vision_config": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
                                      "image_size": 64, "patch_size": 8, "output_channels": 32, "window_size": 4,
-                                     "global_attn_indexes": [1], "mlp_dim": 96, "num_pos_feats": 16},
+                                     "global_attn_indexes": [1], "mlp_dim": 96, "num_pos_feats": 16,
+                                     "initializer_range": 0.02},  # transformers: 1e-10, for loading only
                    "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 8,
                                              "mask_input_channels": 4},
                    "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2,
@@ -62,11 +66,11 @@ RECORD = MethodRecord(
     presets={
         "tiny": _TINY,
         "tiny-lisa": {**_TINY, "use_sasp": False},
-        "read-7b": {"llava_config": _llava(_VICUNA_7B), "sam_config": _SAM_VIT_H, "num_points": 30,
-                    "down_sample": 2, "t_pos": 0.8},
+        "read-7b": {"llava_config": _llava(_VICUNA_7B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
+                    "num_points": 30, "down_sample": 2, "t_pos": 0.8},
         # The official code's setting for the 13B ReasonSeg test set.
-        "read-13b": {"llava_config": _llava(_VICUNA_13B), "sam_config": _SAM_VIT_H, "num_points": 60,
-                     "down_sample": 1, "t_pos": 0.6},
+        "read-13b": {"llava_config": _llava(_VICUNA_13B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
+                     "num_points": 60, "down_sample": 1, "t_pos": 0.6},
     },
     default_preset="tiny",
     paper_presets=("read-7b", "read-13b"),

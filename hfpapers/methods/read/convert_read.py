@@ -1,9 +1,15 @@
-"""Convert a released READ checkpoint (github.com/rui-qian/READ; LISA and SESAME checkpoints share the layout) to the
-state dict of `READForReasoningSegmentation` (children `llava`, `sam`, `text_hidden_fcs`).
+"""Convert a released READ checkpoint (github.com/rui-qian/READ; LISA and SESAME checkpoints share the layout) into a
+folder of `READForReasoningSegmentation` (children `llava`, `sam`, `text_hidden_fcs`) and its `READProcessor`:
 
-What the released checkpoints hold. `merge_lora_weights_and_save_hf_model.py` merges the LoRA, then saves
-`READForCausalLM.state_dict()` with `save_pretrained` (transformers 4.31: `pytorch_model-*.bin` shards, bf16),
-*leaving out every key that contains "vision_tower"*. So a release has
+    python -m hfpapers.methods.read.convert_read --checkpoint READ-LLaVA-v1.5-7B-for-ReasonSeg-valset \
+        --vision-tower clip-vit-large-patch14-336 --output read-7b
+
+What the released folders hold. `merge_lora_weights_and_save_hf_model.py` merges the LoRA, then saves
+`READForCausalLM.state_dict()` with `save_pretrained` (transformers 4.31, bf16), *leaving out every key that contains
+"vision_tower"*, and the tokenizer (`init_READ_model`: Vicuna's LlamaTokenizer, legacy=True, then
+`add_tokens("[SEG]")` = 32000 and `<im_start>`/`<im_end>` = 32001/32002). So a release has a Llama-style config.json
+(LlavaLlamaForCausalLM: vocab_size 32003, mm_vision_tower, mm_projector_type mlp2x_gelu, mm_use_im_start_end,
+out_dim, ...), the tokenizer files and
 
     model.embed_tokens.weight, model.layers.N.*, model.norm.weight, lm_head.weight     the Llama LM (Vicuna)
     model.mm_projector.{0,2}.{weight,bias}                                             LLaVA-1.5's 2-layer MLP
@@ -11,18 +17,26 @@ What the released checkpoints hold. `merge_lora_weights_and_save_hf_model.py` me
     model.text_hidden_fcs.0.{0,2}.{weight,bias}                                        the [SEG] projection
 
 but not the CLIP tower, which the official code loads from `--vision_tower` (openai/clip-vit-large-patch14-336,
-frozen, never trained). Pass that checkpoint as `vision_tower_state_dict` (CLIPModel or CLIPVisionModel keys, with or
-without `vision_model.`); a READ checkpoint that does carry `model.vision_tower.vision_tower.vision_model.*` (an
-unfiltered save) is converted as well.
+frozen, never trained), with its CLIPImageProcessor. Pass that folder as the vision tower. Weights are read from
+safetensors only: pickled `.bin` files are refused, never unpickled.
 
-Only renaming is needed: every official SAM tensor has the shape of its transformers `SamModel` counterpart
+Weights: only renaming is needed: every official SAM tensor has the shape of its transformers `SamModel` counterpart
 (checked by `tests/test_convert_read.py` and by a parity run of the official modules against `SamModel`). The one
 official tensor that feeds two of ours is SAM's random-Fourier matrix, which `SamModel` keeps twice (tied).
+
+Vocabulary: the release's ids stay; one `<image>` placeholder is appended (id = the release's vocab_size), which
+transformers' LLaVA expands to one token per image patch where the official code splits the prompt on "<image>"
+(`tokenizer_image_token`). Its embedding and LM-head rows are the mean rows; LLaVA never reads its embedding.
+
+Prompt and tokens: the chat template writes the official LLaVA v1 prompt ("{system} USER: <im_start><image><im_end>\n
+{question} ASSISTANT:"), and the tokenizer is set up so that its ids equal those of the official transformers-4.31
+tokenizer (`load_release_tokenizer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Mapping
@@ -279,14 +293,9 @@ def _fit_to_adapters(converted: dict[str, torch.Tensor], model: nn.Module, targe
     return fitted, kept
 
 
-def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
-                   vision_tower_state_dict: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-    """Convert a released READ checkpoint and load it strictly into `model` (children `llava`, `sam`,
-    `text_hidden_fcs`). Raises one ValueError listing the model keys nothing filled, the converted keys the model
-    lacks and the shape mismatches. Returns the adapter (LoRA) keys left as the model had them."""
-    converted = convert_read_state_dict(state_dict, vision_tower_state_dict=vision_tower_state_dict)
-    target = model.state_dict()
-    converted, kept = _fit_to_adapters(converted, model, target)
+def check_fit(converted: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Raise one ValueError listing the target keys nothing filled, the converted keys the target lacks and the shape
+    mismatches (`target`: a model's state dict, meta tensors will do)."""
     missing = [key for key in target if key not in converted]
     unexpected = [key for key in converted if key not in target]
     mismatched = [f"{key} {tuple(converted[key].shape)} vs model {tuple(target[key].shape)}"
@@ -305,11 +314,20 @@ def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                 lines.append("  (the vocabulary differs: build the model with the checkpoint's vocab_size, i.e. "
                              "the tokenizer of the release with its added [SEG] token)")
         raise ValueError("\n".join(lines))
+
+
+def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                   vision_tower_state_dict: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """Convert a released READ checkpoint and load it strictly into `model` (children `llava`, `sam`,
+    `text_hidden_fcs`). Raises one ValueError listing the model keys nothing filled, the converted keys the model
+    lacks and the shape mismatches. Returns the adapter (LoRA) keys left as the model had them."""
+    converted = convert_read_state_dict(state_dict, vision_tower_state_dict=vision_tower_state_dict)
+    target = model.state_dict()
+    converted, kept = _fit_to_adapters(converted, model, target)
+    check_fit(converted, target)
     model.load_state_dict(converted, strict=True)
     return kept
 
-
-# --- command line: weights only -----------------------------------------------------------------------------------
 
 def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the `*.safetensors` files in a folder (or one file). Pickled `.bin` shards are refused."""
@@ -333,28 +351,338 @@ def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# --- a whole release folder -> a loadable READ folder --------------------------------------------------------------
+
+IMAGE_TOKEN = "<image>"  # official DEFAULT_IMAGE_TOKEN (model/llava/constants.py)
+IM_START_TOKEN, IM_END_TOKEN = "<im_start>", "<im_end>"
+SEG_TOKEN = "[SEG]"
+
+# The system prompts of the official LLaVA v1 conversations (model/llava/conversation.py: conv_llava_v1, and
+# conv_vicuna_v1, the module's `default_conversation`). train_read.py sets `default_conversation` to --conv_type
+# (default "llava_v1") before training and before the ReasonSeg evaluation (val_read.sh: train_read.py --eval_only);
+# test_read.py and demo.py never set it, so their prompts carry conv_vicuna_v1's system prompt.
+SYSTEM_PROMPTS = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the human's questions.",
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.",
+}
+# The text config fields of a LLaVA-Llama config.json that LlamaConfig takes as they are.
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "hidden_act", "max_position_embeddings", "rms_norm_eps", "initializer_range", "attention_bias",
+                "bos_token_id", "eos_token_id", "pad_token_id")
+EXPECTED_FOLDER = ("a released READ/LISA folder as merge_lora_weights_and_save_hf_model.py writes it: config.json "
+                   "(LlavaLlamaForCausalLM), the tokenizer files and *.safetensors weights")
+TOKENIZER_HINT = ("a release keeps its tokenizer as the sentencepiece tokenizer.model of Vicuna with [SEG], "
+                  "<im_start>, <im_end> added (added_tokens.json); transformers reads it with the sentencepiece and "
+                  "protobuf packages")
+
+
+def official_prompt(question: str, conversation: str = "llava_v1", use_im_start_end: bool = True) -> str:
+    """The prompt text of the official code for one image and one question, up to the assistant's turn.
+
+    `conv.append_message(USER, DEFAULT_IMAGE_TOKEN + "\\n" + question)`, `conv.append_message(ASSISTANT, None)` and
+    `conv.get_prompt()` (SeparatorStyle.TWO, sep " ": system, then "USER: " + message + " ", then "ASSISTANT:"),
+    then `replace_image_tokens` (dataloaders/utils.py) when the config has mm_use_im_start_end."""
+    prompt = f"{SYSTEM_PROMPTS[conversation]} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+    if use_im_start_end:
+        prompt = prompt.replace(IMAGE_TOKEN, IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN)
+    return prompt
+
+
+def official_chat_template(conversation: str = "llava_v1", use_im_start_end: bool = True) -> str:
+    """A chat template that renders what `official_prompt` (and, with answers, the official training prompt
+    "... ASSISTANT: {answer}</s>") writes. A leading system message replaces the default system prompt."""
+    image = (IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN if use_im_start_end else IMAGE_TOKEN) + "\n"
+    return (
+        "{%- set system = " + json.dumps(SYSTEM_PROMPTS[conversation]) + " -%}"
+        "{%- set turns = messages -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+        "else messages[0]['content'][0]['text'] -%}"
+        "{%- set turns = messages[1:] -%}"
+        "{%- endif -%}"
+        "{{- system + ' ' -}}"
+        "{%- for message in turns -%}"
+        "{{- ('USER' if message['role'] == 'user' else 'ASSISTANT') + ': ' -}}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{- " + json.dumps(image) + " -}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{- ' ' if message['role'] == 'user' else '</s>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+def read_release_config(checkpoint_dir: str | Path) -> dict:
+    """The release's config.json (LlavaLlamaForCausalLM fields plus READ's out_dim, mm_use_im_start_end, ...)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"no config.json in {checkpoint_dir}: expected {EXPECTED_FOLDER}")
+    official = json.loads(path.read_text())
+    if missing := [key for key in ("vocab_size", "hidden_size", "num_hidden_layers") if key not in official]:
+        raise ValueError(f"{path} lacks {missing}: not the config of a LLaVA-Llama model ({EXPECTED_FOLDER})")
+    return official
+
+
+def load_release_tokenizer(checkpoint_dir: str | Path, use_im_start_end: bool = True):
+    """The release's tokenizer, made to tokenize as the official one (transformers 4.31, slow LlamaTokenizer) did,
+    plus an `<image>` placeholder appended at the end of the vocabulary (transformers' LLaVA expands it to one
+    token per image patch; the official code splits the prompt on "<image>" instead, `tokenizer_image_token`).
+
+    transformers 4.31 strips the whitespace on both sides of a token added with `add_tokens` ([SEG], <im_start>,
+    <im_end>: "USER: <im_start>" reads "USER:" <im_start>, "<im_end>\\nWhat" reads <im_end> "What"), and its
+    `legacy=True` Llama tokenizer (init_READ_model passes it) starts every piece between added tokens with "▁"; the
+    added tokens here strip both sides (lstrip/rstrip) and `legacy` is kept so that it is saved. Padding: the unknown
+    token, on the left (official load_pretrained_model_READ and test_read.py)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    settings_file = checkpoint_dir / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    # transformers 4.31 reads a missing or null flag as legacy, transformers 5 as not legacy.
+    legacy = settings.get("legacy")
+    legacy = True if legacy is None else bool(legacy)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, legacy=legacy)
+    except (OSError, ValueError, ImportError, TypeError) as error:
+        raise ValueError(f"could not read the tokenizer in {checkpoint_dir} ({type(error).__name__}: {error}); "
+                         f"{TOKENIZER_HINT}") from error
+    vocab = tokenizer.get_vocab()
+    needed = [SEG_TOKEN] + ([IM_START_TOKEN, IM_END_TOKEN] if use_im_start_end else [])
+    if missing := [token for token in needed if token not in vocab]:
+        raise ValueError(f"the tokenizer in {checkpoint_dir} lacks {missing}: not the tokenizer of a READ/LISA "
+                         f"release ({TOKENIZER_HINT})")
+    if IMAGE_TOKEN in vocab:
+        raise ValueError(f"the tokenizer in {checkpoint_dir} already has {IMAGE_TOKEN!r} (id {vocab[IMAGE_TOKEN]}); "
+                         "a READ/LISA release does not (the official code never tokenizes it)")
+    for token in needed:
+        special = token != SEG_TOKEN  # [SEG] is a plain added token officially, kept by skip_special_tokens
+        tokenizer.add_tokens([AddedToken(token, lstrip=True, rstrip=True, normalized=False, special=special)],
+                             special_tokens=special)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    if tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    # transformers 5 saves these only when they are init kwargs
+    tokenizer.init_kwargs["padding_side"] = "left"
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
+    return tokenizer
+
+
+def load_vision_tower_config(vision_tower_dir: str | Path):
+    """The CLIPVisionConfig of a CLIPVisionModel or CLIPModel folder."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(vision_tower_dir)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not read the vision tower's config.json in {vision_tower_dir} ({error}); "
+                         f"{CLIP_HINT}") from error
+    vision = getattr(config, "vision_config", config)
+    if vision.model_type != "clip_vision_model":
+        raise ValueError(f"{vision_tower_dir} holds a {config.model_type!r} model, not a CLIP (vision) model; "
+                         f"{CLIP_HINT}")
+    return vision
+
+
+def build_read_processor(checkpoint_dir: str | Path, vision_tower_dir: str | Path, *, sam_image_size: int = 1024,
+                         conversation: str = "llava_v1"):
+    """READProcessor for a release: its tokenizer (`load_release_tokenizer`), the vision tower's CLIP image
+    processor (PIL backend, as the official transformers 4.31 CLIPImageProcessor: shortest side resized, centre
+    crop, CLIP normalisation; applied as it is, `image_aspect_ratio` "square", by dataloaders/base_dataset.py),
+    SAM's processor at `sam_image_size` and the official conversation as chat template."""
+    from transformers import AutoImageProcessor
+
+    from .processing_read import READProcessor
+    from .recipe import sam_image_processor
+
+    if conversation not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown conversation {conversation!r}; one of {sorted(SYSTEM_PROMPTS)}")
+    official = read_release_config(checkpoint_dir)
+    use_im_start_end = bool(official.get("mm_use_im_start_end", False))
+    vision = load_vision_tower_config(vision_tower_dir)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision_tower_dir, backend="pil")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"no CLIP image processor (preprocessor_config.json) in {vision_tower_dir} ({error}); "
+                         f"{CLIP_HINT}") from error
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if (crop.get("height"), crop.get("width")) != (vision.image_size, vision.image_size):
+        raise ValueError(f"the image processor of {vision_tower_dir} crops to {crop}, but its CLIP reads "
+                         f"{vision.image_size}x{vision.image_size} images")
+    return READProcessor(image_processor, load_release_tokenizer(checkpoint_dir, use_im_start_end),
+                         sam_image_processor(sam_image_size),
+                         chat_template=official_chat_template(conversation, use_im_start_end),
+                         image_seq_length=(vision.image_size // vision.patch_size) ** 2, image_token=IMAGE_TOKEN)
+
+
+def llava_config_from_release(official: Mapping, vision_config, vocab_size: int, image_token_index: int):
+    """transformers' LlavaConfig for a release's LlavaLlamaForCausalLM config: LLaVA-1.5's 2-layer GELU projector,
+    features of CLIP layer `mm_vision_select_layer` without the class token (`mm_vision_select_feature` "patch")."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    projector = official.get("mm_projector_type", "linear")  # LLaVA's builder defaults to a linear projector
+    if projector != "mlp2x_gelu":
+        raise ValueError(f"mm_projector_type {projector!r} is not supported: transformers' LLaVA projector is "
+                         "LLaVA-1.5's mlp2x_gelu")
+    select = official.get("mm_vision_select_feature", "patch")
+    if select != "patch":
+        raise ValueError(f"mm_vision_select_feature {select!r} is not supported (READ uses 'patch')")
+    if official.get("rope_scaling"):
+        raise ValueError(f"rope_scaling {official['rope_scaling']} is not supported (Vicuna v1.5 has none)")
+    mm_hidden = official.get("mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision_config.hidden_size:
+        raise ValueError(f"the release's projector reads {mm_hidden}-d features, the vision tower gives "
+                         f"{vision_config.hidden_size}-d: not the CLIP it was trained with "
+                         f"(mm_vision_tower {official.get('mm_vision_tower')!r})")
+    text = {key: official[key] for key in LLAMA_FIELDS if official.get(key) is not None}
+    if official.get("rope_theta") is not None:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": official["rope_theta"]}
+    text_config = LlamaConfig(**text, vocab_size=vocab_size, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
+                       image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+                       projector_hidden_act="gelu", vision_feature_layer=official.get("mm_vision_select_layer", -2),
+                       vision_feature_select_strategy="default", multimodal_projector_bias=True,
+                       tie_word_embeddings=False)
+
+
+def sam_vit_h_config():
+    """SAM ViT-H (sam_vit_h_4b8939.pth, the official `build_sam_vit_h`) as a SamConfig: the presets' SAM."""
+    import copy
+
+    from transformers import SamConfig
+
+    from . import _SAM_VIT_H
+
+    return SamConfig(**copy.deepcopy(_SAM_VIT_H))
+
+
+def read_settings(official: Mapping) -> dict:
+    """SasP settings for a release: none for LISA/SESAME (no SasP); the official code's 13B setting for 13B models
+    (model/READ.py, the commented "READ-13B ReasonSeg test set" lines), its 7B setting otherwise."""
+    from . import RECORD
+
+    if any(str(name).startswith(("LISA", "SESAME")) for name in official.get("architectures") or []):
+        return {"use_sasp": False}
+    preset = RECORD.presets["read-13b" if official.get("hidden_size") == 5120 else "read-7b"]
+    return {key: preset[key] for key in ("num_points", "down_sample", "t_pos", "t_neg") if key in preset}
+
+
+def convert_read_checkpoint(checkpoint_dir: str | Path, vision_tower_dir: str | Path, sam_config=None,
+                            output_dir: str | Path | None = None, *, conversation: str = "llava_v1",
+                            dtype: torch.dtype | str | None = None, **config_kwargs):
+    """A released READ/LISA folder (config.json, tokenizer, *.safetensors) and the CLIP it was trained with
+    (`vision_tower_dir`: a CLIPVisionModel/CLIPModel folder with safetensors weights and its image processor, e.g.
+    openai/clip-vit-large-patch14-336) -> `READForReasoningSegmentation`, saved with its `READProcessor` into
+    `output_dir` when given.
+
+    The vocabulary keeps the release's ids ([SEG], <im_start>, <im_end>) and appends `<image>` at id = the release's
+    vocab_size; its rows of the token embeddings and the LM head are the mean rows (never read: LLaVA puts image
+    features where `<image>` stands). `sam_config`: SAM ViT-H unless given. `dtype`: the release's (bf16) unless
+    given. `config_kwargs` go to READConfig (e.g. use_sasp, num_points, down_sample, t_pos)."""
+    from ...registry import register_with_transformers
+    from .configuration_read import READConfig
+    from .modeling_read import READForReasoningSegmentation
+
+    register_with_transformers()
+    if config_kwargs.get("lora_r"):
+        raise ValueError("a release's LoRA is merged into its weights: convert with lora_r=0 (the default)")
+    checkpoint_dir, vision_tower_dir = Path(checkpoint_dir), Path(vision_tower_dir)
+    official = read_release_config(checkpoint_dir)
+    state_dict = load_safetensors_dir(checkpoint_dir)
+    vision_state_dict = load_safetensors_dir(vision_tower_dir)
+    if sam_config is None:
+        sam_config = sam_vit_h_config()
+    elif isinstance(sam_config, Mapping):
+        from transformers import SamConfig
+
+        sam_config = SamConfig(**sam_config)
+    processor = build_read_processor(checkpoint_dir, vision_tower_dir, conversation=conversation,
+                                     sam_image_size=sam_config.vision_config.image_size)
+    tokenizer = processor.tokenizer
+
+    vocab_size = official["vocab_size"]
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    seg_token_index = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    if image_token_index != vocab_size or len(tokenizer) != vocab_size + 1:
+        raise ValueError(f"the tokenizer has {len(tokenizer) - 1} tokens but the config's vocab_size is {vocab_size}: "
+                         "the tokenizer and the weights are not of one release")
+
+    converted = convert_read_state_dict(state_dict, vision_tower_state_dict=vision_state_dict)
+    rows = {key: tuple(converted[key].shape) for key in VOCAB_KEYS if key in converted}
+    if any(shape[0] != vocab_size for shape in rows.values()):
+        raise ValueError(f"the config's vocab_size is {vocab_size} but the weights have {rows}")
+    converted = remap_vocabulary(converted, vocab_size + 1)
+    if dtype is None or dtype == "auto":  # the release's (its LM's) dtype
+        dtype = converted.get(VOCAB_KEYS[0], next(iter(converted.values()))).dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    converted = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                 for key, tensor in converted.items()}
+
+    vision_config = load_vision_tower_config(vision_tower_dir)
+    llava_config = llava_config_from_release(official, vision_config, vocab_size + 1, image_token_index)
+    settings = {**read_settings(official), **config_kwargs, "lora_r": 0}
+    config = READConfig(llava_config=llava_config.to_dict(), sam_config=sam_config.to_dict(),
+                        seg_token_index=seg_token_index, out_dim=official.get("out_dim"), **settings)
+    config.validate_read()
+    with torch.device("meta"):
+        target = READForReasoningSegmentation(config).state_dict()
+    check_fit(converted, target)
+    model = READForReasoningSegmentation.from_pretrained(None, config=config, state_dict=converted, dtype=dtype)
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Rename a released READ checkpoint's weights to READForReasoningSegmentation's keys (weights only: "
-                    "no config or tokenizer is written).")
-    parser.add_argument("--checkpoint", required=True, help="folder of the release's *.safetensors shards")
-    parser.add_argument("--vision-tower", help="folder or file of the base CLIP weights (*.safetensors), absent "
-                                               "from releases: openai/clip-vit-large-patch14-336")
-    parser.add_argument("--output", required=True, help="folder for the converted *.safetensors shards")
+        description="Convert a released READ/LISA checkpoint folder (merge_lora_weights_and_save_hf_model.py: "
+                    "config.json, tokenizer, *.safetensors) into a READForReasoningSegmentation folder that loads "
+                    "with AutoModel / AutoProcessor.")
+    parser.add_argument("--checkpoint", required=True, help="the release's folder")
+    parser.add_argument("--vision-tower", required=True,
+                        help="the CLIP it was trained with, absent from releases (a CLIPVisionModel/CLIPModel folder "
+                             "with *.safetensors and preprocessor_config.json: openai/clip-vit-large-patch14-336)")
+    parser.add_argument("--output", required=True, help="folder for the converted model and processor")
+    parser.add_argument("--sam-config", help="a SamModel folder or config.json for SAM's config (default: SAM ViT-H, "
+                                             "the official sam_vit_h_4b8939.pth)")
+    parser.add_argument("--conversation", choices=sorted(SYSTEM_PROMPTS), default="llava_v1",
+                        help="system prompt of the chat template: llava_v1 (training and the ReasonSeg evaluation, "
+                             "train_read.py) or vicuna_v1 (test_read.py and demo.py)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights' dtype (auto: the release's)")
+    parser.add_argument("--lisa", action="store_true", help="no Similarity-as-Points (LISA); automatic for "
+                                                            "LISA/SESAME configs")
+    parser.add_argument("--num-points", type=int)
+    parser.add_argument("--down-sample", type=int)
+    parser.add_argument("--t-pos", type=float)
+    parser.add_argument("--t-neg", type=float)
     args = parser.parse_args(argv)
-    from huggingface_hub import save_torch_state_dict
+    overrides = {name: value for name, value in (("num_points", args.num_points), ("down_sample", args.down_sample),
+                                                 ("t_pos", args.t_pos), ("t_neg", args.t_neg)) if value is not None}
+    if args.lisa:
+        overrides["use_sasp"] = False
+    try:
+        sam_config = None
+        if args.sam_config:
+            from transformers import SamConfig
 
-    vision = load_safetensors_dir(args.vision_tower) if args.vision_tower else None
-    converted = convert_read_state_dict(load_safetensors_dir(args.checkpoint), vision_tower_state_dict=vision)
-    if vision is None:
-        print(f"warning: no --vision-tower; {CLIP_HINT}", file=sys.stderr)
-    # SamModel keeps the Fourier matrix twice (tied); safetensors refuses shared storage.
-    tied = f"sam.{SAM_GAUSSIAN_TARGETS[1]}"
-    if tied in converted:
-        converted[tied] = converted[tied].clone()
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(converted, args.output)
-    print(f"wrote {len(converted)} tensors to {args.output}")
+            sam_config = SamConfig.from_pretrained(args.sam_config)
+        model = convert_read_checkpoint(args.checkpoint, args.vision_tower, sam_config, output_dir=args.output,
+                                        conversation=args.conversation, dtype=args.dtype, **overrides)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    config = model.config
+    print(f"wrote {args.output}: [SEG] = {config.seg_token_index}, <image> = "
+          f"{config.llava_config.image_token_index}, use_sasp = {config.use_sasp}, dtype = {model.dtype}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from .configuration_read import READConfig
 SEG_TOKEN = "[SEG]"
 
 
-def dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6) -> torch.Tensor:
+def dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0,
+              eps: float = 1e-6) -> torch.Tensor:
     """Per-mask DICE loss on sigmoid outputs, (masks, H, W) -> (masks,); the official scale 1000 and eps 1e-6."""
     inputs, targets = mask_logits.sigmoid().flatten(1) / scale, targets.flatten(1)
     return 1 - (2 * (inputs * targets).sum(-1) + eps) / (inputs.sum(-1) + targets.sum(-1) / scale + eps)
@@ -78,7 +79,7 @@ class SimilarityAsPoints(nn.Module):
     def similarity_map(self, similarity: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The min-max normalised map over the whole image, (grid*grid,) -> (height, width); zero outside the crop
         (official `get_similarity_map`). Differentiable: it weighs the Discrete-to-Continuous step."""
-        sm = self._min_max(similarity.float()).reshape(1, 1, self.grid, self.grid)
+        sm = self._min_max(similarity).float().reshape(1, 1, self.grid, self.grid)  # normalised in the input dtype
         sm = F.interpolate(sm, (self.clip_size, self.clip_size), mode="bilinear")
         pad_h, pad_w = self._crop_padding(self.clip_size, height, width)
         sm = F.pad(sm, (pad_w, pad_w, pad_h, pad_h))
@@ -99,15 +100,17 @@ class SimilarityAsPoints(nn.Module):
         positive = (sm >= self.t_pos).nonzero().flatten()
         negative = ((sm >= 0) & (sm <= self.t_neg)).nonzero().flatten()
         neutral = ((sm > self.t_neg) & (sm < self.t_pos)).nonzero().flatten()
-        positive = positive[torch.argsort(sm[positive], descending=True, stable=True)]
-        negative = negative[torch.argsort(sm[negative], stable=True)]
+        # torch.argsort's default order, as the official code: ties then order as they do there on the same device
+        positive = positive[torch.argsort(sm[positive], descending=True)]
+        negative = negative[torch.argsort(sm[negative])]
         cells = torch.cat([positive, negative, neutral])[: self.num_points]
         labels = torch.cat([torch.ones_like(positive), torch.zeros_like(negative), -torch.ones_like(neutral)])
         labels = labels[: self.num_points]
-        # Centres scaled to the image, clamped inside it, truncated to whole pixels as the official `int(x)`.
-        x = ((cells % cols).double() + 0.5) * (width / cols)
-        y = (torch.div(cells, cols, rounding_mode="floor").double() + 0.5) * (height / rows)
-        points = torch.stack([x.clamp(max=width - 1), y.clamp(max=height - 1)], dim=-1).floor()
+        # Centres scaled to the image, clamped inside it, truncated to whole pixels as the official `int(x)`; in
+        # float32 as there (in float64 a centre can land one pixel off when the product is a whole number).
+        x = ((cells % cols).float() + 0.5) * (width / cols)
+        y = (torch.div(cells, cols, rounding_mode="floor").float() + 0.5) * (height / rows)
+        points = torch.stack([x.clamp(max=float(width - 1)), y.clamp(max=float(height - 1))], dim=-1).trunc()
         return points.to(similarity.device, torch.float32), labels
 
     @staticmethod
@@ -271,7 +274,7 @@ class READForReasoningSegmentation(READPreTrainedModel):
                     values.append(None)
                 continue
             # S = <h_img, h_seg>: the official CLIP-Surgery-style map reduces to this for a single [SEG].
-            similarity = image_states @ seg_state
+            similarity = (image_states * seg_state).sum(-1)  # the official sum of products, bitwise also in bf16
             points, labels, sm = self.similarity_as_points(similarity, height, width)
             embedding = self.text_hidden_fcs(seg_state)
             mask = self.decode_mask(image_embeddings[row:row + 1], embedding, height, width,

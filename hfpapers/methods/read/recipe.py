@@ -5,8 +5,9 @@ v_proj; the `[SEG]` embedding row, `lm_head`, SAM's mask decoder and the `[SEG]`
 projector and SAM's image and prompt encoders stay frozen. AdamW at lr 3e-4, betas (0.9, 0.95), no weight decay,
 100 warm-up steps then linear decay; batch 2 x 10 accumulation per GPU, bf16.
 
-Without a pretrained base (`base_llava`/`base_sam` unset) there is nothing to adapt: the tiny preset trains LLaVA and
-SAM's image encoder and mask decoder from scratch on the embedded scenes (`train_all`), and says so in its card.
+Without pretrained bases (`base_llava`/`base_sam` unset) there is nothing to adapt. The tiny preset first trains a
+SAM from scratch on point prompts of the embedded scenes (`SamPointRecipe`, standing in for SAM's pre-training),
+then freezes its encoders as READ does and trains the whole LLaVA from scratch (`train_all`) with the READ loss.
 """
 
 from __future__ import annotations
@@ -229,14 +230,14 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
 
 # CPU-sized training of the tiny preset, from scratch (the official defaults are in `defaults`).
 _TINY_TRAINING = {"learning_rate": 2e-3, "warmup_steps": 20, "per_device_train_batch_size": 16,
-                  "gradient_accumulation_steps": 1, "num_epochs": 8, "mixed_precision": "no", "train_all": True,
-                  "lr_scheduler": "cosine", "sam_pretrain_epochs": 8}
+                  "gradient_accumulation_steps": 1, "num_epochs": 3, "mixed_precision": "no", "train_all": True,
+                  "lr_scheduler": "cosine", "sam_pretrain_epochs": 6}
 
 
 @dataclass
 class READRecipe(Recipe):
     base_llava: str | None = None  # LLaVA-1.5-style Hub id or folder; None: a LLaVA trained from scratch
-    base_sam: str | None = None  # SAM Hub id or folder (both or neither)
+    base_sam: str | None = None  # SAM Hub id or folder; None: a SAM trained from scratch
     train_all: bool = False  # train all of LLaVA, not just its LoRA (for a LLaVA trained from scratch)
     sam_pretrain_epochs: int = 0  # first train a SAM from scratch on point prompts (no base_sam)
 
@@ -250,19 +251,24 @@ class READRecipe(Recipe):
 
     def build_model(self, slug, preset, datasets, config_overrides, args):
         values = {**get_method(slug).preset(preset), **config_overrides}
-        if (self.base_llava is None) != (self.base_sam is None):
-            raise ValueError("pass both base_llava and base_sam, or neither (to train from scratch)")
         if self.base_llava is not None:
+            if self.base_sam is None:
+                raise ValueError("a pretrained LLaVA (base_llava) needs a pretrained SAM too: set base_sam")
             values.pop("llava_config", None)
             values.pop("sam_config", None)
             model = READForReasoningSegmentation.from_base_models(self.base_llava, self.base_sam, **values)
             processor = load_processor(model.config)
         else:
+            from transformers import SamModel
+
+            sam = None
+            if self.base_sam is not None:
+                sam = SamModel.from_pretrained(self.base_sam)
+                values.update(sam_config=sam.config.to_dict(), base_sam=str(self.base_sam))
             config = READConfig(**values)
             processor = load_processor(config)
             _check_word_ids(config, processor.tokenizer)
-            sam = None
-            if self.sam_pretrain_epochs:
+            if sam is None and self.sam_pretrain_epochs:
                 sam = pretrain_sam(config.sam_config, processor, datasets, str(Path(args.output_dir, "base-sam")),
                                    args.seed, num_epochs=self.sam_pretrain_epochs)
             model = READForReasoningSegmentation(config, sam=sam)
@@ -309,11 +315,21 @@ class READRecipe(Recipe):
         return model(**batch).loss
 
     def eval_outputs(self, model, batch):
-        """Teacher-forced on the reference answer, as LISA's `validate`: per-example intersection and union."""
+        """Teacher-forced on the reference answer, as LISA's `validate`: per-example intersection and union, and
+        how many positive SasP points fall on the target (computed with and without `use_sasp`)."""
         masks = batch.pop("masks")
         output = model(**batch)
         inter, union = intersection_union(output.pred_masks, masks)
-        return {"intersection": inter, "union": union}
+        on_target, positives = [], []
+        for points, labels, truth in zip(output.points, output.point_labels, masks):
+            xy = points[labels == 1].round().long()
+            on_target.append((truth[xy[:, 1].clamp(0, truth.shape[0] - 1), xy[:, 0].clamp(0, truth.shape[1] - 1)]
+                              > 0.5).sum())
+            positives.append(torch.tensor(len(xy)))
+        return {"intersection": inter, "union": union, "on_target": torch.stack(on_target).double(),
+                "positives": torch.stack(positives).double()}
 
     def compute_metrics(self, outputs):
-        return ious_from_counts(outputs["intersection"].tolist(), outputs["union"].tolist())
+        """gIoU, cIoU, and the fraction of positive SasP points on the target (the similarity map's precision)."""
+        return {**ious_from_counts(outputs["intersection"].tolist(), outputs["union"].tolist()),
+                "point_precision": (outputs["on_target"].sum() / outputs["positives"].sum().clamp(min=1)).item()}
