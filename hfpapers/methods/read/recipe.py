@@ -172,6 +172,7 @@ class SamPointRecipe(Recipe):
                 "per_device_train_batch_size": 32, "num_epochs": 8, "mixed_precision": "no"}
 
     def prepare_dataset(self, dataset, processor) -> SegmentationExamples:
+        self.sam_size = processor.sam_image_processor.size["longest_edge"]
         encoded = processor.sam_image_processor([image.convert("RGB") for image in dataset["image"]],
                                                 return_tensors="pt")
         return SegmentationExamples({"sam_pixel_values": list(encoded["pixel_values"]),
@@ -184,7 +185,7 @@ class SamPointRecipe(Recipe):
                 "masks": [e["masks"] for e in examples]}
 
     def _mask_logits(self, sam, batch, generator) -> list[torch.Tensor]:
-        size = sam.config.vision_config.image_size
+        size = self.sam_size
         clicks, labels = [], []
         for mask in batch["masks"]:
             inside, outside = (mask > 0.5).nonzero(), (mask <= 0.5).nonzero()
@@ -224,7 +225,14 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
         torch.manual_seed(seed)
         args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False,
                                  **{**SamPointRecipe.defaults, **settings})
-        fit(SamModel(sam_config), datasets, SamPointRecipe(), args, processor)
+        sam = SamModel(sam_config)
+        # What point prompts never reach (mask and box prompts, the IoU head) stays as initialised, so that every
+        # trainable weight has a gradient in a multi-process run.
+        for name, param in sam.named_parameters():
+            param.requires_grad = not name.startswith(("prompt_encoder.mask_embed.", "prompt_encoder.point_embed.2.",
+                                                       "prompt_encoder.point_embed.3.",
+                                                       "mask_decoder.iou_prediction_head."))
+        fit(sam, datasets, SamPointRecipe(), args, processor)
     return SamModel.from_pretrained(output_dir)
 
 
