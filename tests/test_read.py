@@ -367,3 +367,45 @@ def test_a_local_parquet_dataset_with_other_column_names_trains_through_the_mapp
     assert loaded["train"]["question"] == scenes["train"]["question"]
     batch = batch_of(processor, loaded["train"])
     assert torch.equal(batch["masks"][0], batch_of(processor, scenes["train"])["masks"][0])
+
+
+def test_read_on_pretrained_llava_and_sam_folders_adds_seg_and_trains_the_official_set(tmp_path, scenes):
+    """A LLaVA-1.5-style folder (model + LlavaProcessor, no [SEG]) and a SAM folder (model + image processor), as
+    from the Hub: `[SEG]` joins the tokenizer and the embeddings, LoRA + the official trainable set, one step."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor, SamModel
+
+    from hfpapers.engine import TrainingArguments
+    from hfpapers.methods.read.recipe import READRecipe, load_processor, sam_image_processor
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfpapers.data.referring import vocabulary
+
+    tiny = tiny_model()
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "user", "assistant", ":"]
+    words += [w for w in vocabulary() if w not in words and w != "[SEG]"]  # a base LM without [SEG]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>", additional_special_tokens=["<image>"])
+    llava = LlavaForConditionalGeneration(tiny.config.llava_config)
+    llava.save_pretrained(tmp_path / "llava")
+    LlavaProcessor(image_processor=load_processor(tiny.config).image_processor, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=load_processor(tiny.config).chat_template).save_pretrained(tmp_path / "llava")
+    SamModel(tiny.config.sam_config).save_pretrained(tmp_path / "sam")
+    sam_image_processor(64).save_pretrained(tmp_path / "sam")
+
+    recipe = READRecipe(base_llava=str(tmp_path / "llava"), base_sam=str(tmp_path / "sam"))
+    model, processor = recipe.build_model("read", "tiny", scenes, {"lora_r": 4}, TrainingArguments(output_dir="x"))
+    assert model.config.seg_token_index == processor.tokenizer.convert_tokens_to_ids("[SEG]") == len(words)
+    assert model.config.base_llava == str(tmp_path / "llava")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
+    rows = recipe.prepare_dataset(scenes["train"].select(range(2)), processor)
+    loss = model(**recipe.collate([rows[0], rows[1]])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="needs a pretrained SAM too"):
+        READRecipe(base_llava=str(tmp_path / "llava")).build_model("read", "tiny", scenes, {}, None)

@@ -110,8 +110,9 @@ def encode_examples(processor: READProcessor, images, questions, answers=None) -
     return rows
 
 
-def collate_segmentation(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad token rows (labels with -100), stack pixels and sizes, keep masks as a list (sizes differ)."""
+def collate_segmentation(examples: list[dict], pad_token_id: int) -> dict:
+    """Pad token rows on the right (labels with -100), stack pixels and sizes, keep masks as a list (sizes
+    differ)."""
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": []}
     if "labels" in examples[0]:
@@ -122,7 +123,7 @@ def collate_segmentation(examples: list[dict], pad_token_id: int, padding_side: 
         if "labels" in e:
             rows["labels"] = (list(e["labels"]), -100)
         for name, (row, fill) in rows.items():
-            batch[name].append(row + [fill] * pad if padding_side == "right" else [fill] * pad + row)
+            batch[name].append(row + [fill] * pad)
     batch = {name: torch.tensor(rows) for name, rows in batch.items()}
     for name in ("pixel_values", "sam_pixel_values", "original_sizes"):
         batch[name] = torch.stack([e[name] for e in examples])
@@ -262,8 +263,8 @@ class READRecipe(Recipe):
         if self.base_llava is not None:
             if self.base_sam is None:
                 raise ValueError("a pretrained LLaVA (base_llava) needs a pretrained SAM too: set base_sam")
-            values.pop("llava_config", None)
-            values.pop("sam_config", None)
+            for name in ("llava_config", "sam_config", "seg_token_index"):  # these come from the bases
+                values.pop(name, None)
             model = READForReasoningSegmentation.from_base_models(self.base_llava, self.base_sam, **values)
             processor = load_processor(model.config)
         else:
