@@ -12,6 +12,7 @@ then freezes its encoders as READ does and trains the whole LLaVA from scratch (
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +235,10 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
                                                        "prompt_encoder.point_embed.3.",
                                                        "mask_decoder.iou_prediction_head."))
         fit(sam, datasets, SamPointRecipe(), args, processor)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # the SAM is saved; its resume state is no longer needed
+            shutil.rmtree(Path(output_dir, "checkpoints"), ignore_errors=True)
     return SamModel.from_pretrained(output_dir)
 
 
