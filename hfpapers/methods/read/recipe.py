@@ -95,20 +95,24 @@ def _check_word_ids(config: READConfig, tokenizer) -> None:
 
 
 def encode_examples(processor: READProcessor, images, questions, answers=None) -> dict:
-    """Model inputs per example: token rows (prompt, or prompt + answer + EOS with the prompt's labels -100), CLIP
-    and SAM pixels, original sizes."""
-    tokenizer = processor.tokenizer
-    encoded = processor(images=list(images), text=[processor.prompt(q) for q in questions])
-    rows = {"input_ids": [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"],
-                                                                          encoded["attention_mask"])]}
+    """Model inputs per example: token rows (the prompt; with answers, prompt + " " + answer + EOS tokenized as one
+    text, the prompt's tokens labelled -100 as LLaVA's `preprocess_v1`), CLIP and SAM pixels, original sizes."""
+    prompts = [processor.prompt(q) for q in questions]
+    encoded = processor(images=list(images), text=prompts)
+    rows = {"input_ids": _unpadded(encoded)}
     if answers is not None:
-        answer_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                      for a in answers]
-        rows["labels"] = [[-100] * len(p) + a for p, a in zip(rows["input_ids"], answer_ids)]
-        rows["input_ids"] = [p + a for p, a in zip(rows["input_ids"], answer_ids)]
+        eos = processor.tokenizer.eos_token
+        conversations = processor(text=[f"{p} {a}{eos}" for p, a in zip(prompts, answers)])
+        full = _unpadded(conversations)
+        rows["labels"] = [[-100] * len(p) + f[len(p):] for p, f in zip(rows["input_ids"], full)]
+        rows["input_ids"] = full
     for name in ("pixel_values", "sam_pixel_values", "original_sizes"):
         rows[name] = list(encoded[name])
     return rows
+
+
+def _unpadded(encoded) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
 
 
 def collate_segmentation(examples: list[dict], pad_token_id: int) -> dict:
