@@ -292,6 +292,8 @@ def test_pipeline_returns_mask_text_points_and_map_and_draws_an_overlay(saved, t
         assert out["similarity_map"].shape == (40, 70) and len(out["points"]) == len(out["point_labels"])
     else:  # a random LM rarely says [SEG]: an empty mask, said so
         assert not out["mask"].any() and out["points"] == []
+    with pytest.raises(TypeError, match=r"max_new_tokens only, got \['max_tokens'\]"):
+        seg(image, "segment the red circle .", max_tokens=6)
     canvas = save_overlay(image, out, str(tmp_path / "overlay.png"))
     assert canvas.size == (140, 40) and Image.open(tmp_path / "overlay.png").format == "PNG"
 

@@ -22,6 +22,8 @@ class ReasoningSegmentationPipeline(Pipeline):
     _load_tokenizer = False
 
     def _sanitize_parameters(self, max_new_tokens=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"reasoning-segmentation takes max_new_tokens only, got {sorted(kwargs)}")
         return {}, ({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}), {}
 
     def __call__(self, image, question: str | None = None, **kwargs: Any):

@@ -329,9 +329,6 @@ class READRecipe(Recipe):
     def collate(self, examples):
         return collate_segmentation(examples, self.pad_token_id)
 
-    def compute_loss(self, model, batch, step_rng):
-        return model(**batch).loss
-
     def eval_outputs(self, model, batch):
         """Teacher-forced on the reference answer, as LISA's `validate`: per-example intersection and union, and
         how many positive SasP points fall on the target (computed with and without `use_sasp`)."""
