@@ -451,19 +451,34 @@ def test_forget_script_runs_on_two_processes(tmp_path):
 # ------------------------------------------------------------------ the paper's claim, small
 
 
-@pytest.mark.slow
-def test_small_reproduction_forgets_and_keeps(tmp_path):
-    """evaluation/reproduce/gs_lora.py at a smaller size, GS-LoRA only: a ViT trained on shapes, 3 tasks x 2
-    classes with few-shot replay. The paper's third claim (most blocks' LoRA near zero) is not asserted: at
-    this size it did not hold (see the README's GS-LoRA section)."""
+def _reproduction():
+    """evaluation/reproduce/gs_lora.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gs_lora_reproduce", REPO / "evaluation" / "reproduce" / "gs_lora.py")
     reproduce = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = reproduce  # dataclasses look their module up while the class is made
     spec.loader.exec_module(reproduce)
-    setting = reproduce.Setting(num_train=2500, num_test=1000, base_epochs=12, methods=("GS-LoRA",))
-    setting.common.update(alpha=0.02)  # a weaker base model gives a weaker forgetting signal to balance
+    return reproduce
+
+
+def test_near_zero_fraction_counts_blocks_the_penalty_emptied():
+    near_zero_fraction = _reproduction().near_zero_fraction
+    assert near_zero_fraction([12.0, 0.5, 1.3, 0.0]) == 0.5  # under a tenth of the largest block's norm
+    assert near_zero_fraction([3.0, 3.0, 2.0]) == 0.0
+    assert near_zero_fraction([0.0, 0.0, 0.0, 0.0]) == 1.0  # an adapter shrunk to nothing: every block is empty
+    assert near_zero_fraction([2e-4, 1e-4]) == 1.0
+
+
+@pytest.mark.slow
+def test_small_reproduction_forgets_and_keeps(tmp_path):
+    """evaluation/reproduce/gs_lora.py at a smaller size (4 blocks, patches of 8 pixels, 12 base epochs), GS-LoRA
+    only: 3 tasks x 2 classes with 16-shot replay. The third claim (most blocks' LoRA near zero) holds in the full
+    run but not reliably at this size: a 6-block version passed on one thread and lost task 3's forgetting on two."""
+    reproduce = _reproduction()
+    setting = reproduce.Setting(num_train=2500, num_test=1000, base_epochs=12, patch_size=8, num_layers=4,
+                                base_learning_rate=2e-3, base_warmup_steps=100, methods=("GS-LoRA",))
+    setting.common.update(beta=0.3, alpha=0.02)  # a weaker base model gives a weaker forgetting signal to balance
     results = reproduce.run(setting, tmp_path, log=lambda *_: None)
     rows = results["methods"]["GS-LoRA"]
     assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"], ["cross", "ring"]]
