@@ -471,18 +471,18 @@ def test_near_zero_fraction_counts_blocks_the_penalty_emptied():
 
 
 @pytest.mark.slow
-def test_small_reproduction_forgets_and_keeps(tmp_path):
-    """evaluation/reproduce/gs_lora.py at a smaller size (4 blocks, patches of 8 pixels, 12 base epochs), GS-LoRA
-    only: 3 tasks x 2 classes with 16-shot replay. The third claim (most blocks' LoRA near zero) holds in the full
-    run but not reliably at this size: a 6-block version passed on one thread and lost task 3's forgetting on two."""
+def test_small_reproduction_forgets_keeps_and_selects_few_blocks(tmp_path):
+    """evaluation/reproduce/gs_lora.py at a smaller size (patches of 8 pixels, 25 base epochs) with the full run's
+    forgetting hyper-parameters, GS-LoRA only: a 6-block ViT trained on shapes, then 3 tasks x 2 classes with
+    16-shot replay; the paper's three claims in every task. (With 20 base epochs the base is too weak: task 3's
+    forgetting failed on two threads.)"""
     reproduce = _reproduction()
-    setting = reproduce.Setting(num_train=2500, num_test=1000, base_epochs=12, patch_size=8, num_layers=4,
-                                base_learning_rate=2e-3, base_warmup_steps=100, methods=("GS-LoRA",))
-    setting.common.update(beta=0.3, alpha=0.02)  # a weaker base model gives a weaker forgetting signal to balance
+    setting = reproduce.Setting(patch_size=8, base_epochs=25, num_test=1000, methods=("GS-LoRA",))
     results = reproduce.run(setting, tmp_path, log=lambda *_: None)
     rows = results["methods"]["GS-LoRA"]
     assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"], ["cross", "ring"]]
     for r in rows:
         assert r["acc_f"] <= 0.10, r  # forgotten classes at or below chance
         assert r["retained_loss"] <= 0.03, r  # kept classes within 3 points of the original model
+        assert reproduce.near_zero_fraction(r["block_norms"]) > 0.5, r  # most blocks' LoRA near zero
     assert (tmp_path / "gs_lora_block_norms.png").read_bytes().startswith(b"\x89PNG")
