@@ -30,13 +30,14 @@ MODEL_REPO = "tester/tiny-vit"
 # ---------------------------------------------------------------- helpers
 
 
-def run_client(code: str, hub_url: str, hf_home: Path, **extra_env: str) -> dict:
-    """Run `code` in a fresh interpreter pointed at `hub_url`; it must print one JSON object as its last line."""
+def run_client(code: str, hub_url: str, hf_home: Path, token: str = "hf_fake", **extra_env: str) -> dict:
+    """Run `code` in a fresh interpreter pointed at `hub_url` (writing with `token`); it must print one JSON object
+    as its last line."""
     env = {
         **os.environ,
         "HF_ENDPOINT": hub_url,
         "HF_HOME": str(hf_home),
-        "HF_TOKEN": "hf_fake",
+        "HF_TOKEN": token,
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         **extra_env,
@@ -49,6 +50,10 @@ def run_client(code: str, hub_url: str, hf_home: Path, **extra_env: str) -> dict
 
 
 def request(hub: LocalHub, method: str, path: str, body: bytes | None = None, headers=None):
+    """A raw request as huggingface_hub sends it: writes carry the hub's token and a JSON content type unless
+    `headers` says otherwise."""
+    if method not in ("GET", "HEAD"):
+        headers = {"Authorization": f"Bearer {hub.token}", "Content-Type": "application/json", **(headers or {})}
     conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -184,6 +189,7 @@ def pushed(model_hub, tmp_path_factory):
         """,
         model_hub.url,
         hf_home,
+        token=model_hub.token,
     )
     return SimpleNamespace(local_dir=local_dir, hf_home=hf_home, result=result, requests=list(model_hub.requests))
 
@@ -285,6 +291,7 @@ def test_hub_pull_returns_the_pushed_files(model_hub, pushed, tmp_path):
         """,
         model_hub.url,
         tmp_path / "hf-home",
+        token=model_hub.token,
     )
     assert result["url"].startswith(f"{model_hub.url}/tester/via-hfpapers/commit/")
     assert disk_state(Path(result["folder"])) == disk_state(pushed.local_dir)
@@ -318,7 +325,7 @@ def test_repos_survive_a_restart_on_the_same_data_dir(tmp_path):
         }))
         """
     with LocalHub(tmp_path / "data") as first:
-        shas = run_client(upload, first.url, tmp_path / "home-1")
+        shas = run_client(upload, first.url, tmp_path / "home-1", token=first.token)
     with LocalHub(tmp_path / "data") as second:
         result = run_client(download, second.url, tmp_path / "home-2")
     assert result["sha"] == shas["model"]
@@ -410,6 +417,8 @@ def test_an_oversized_body_is_refused_from_its_header_without_being_read(hub):
     conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=5)
     conn.putrequest("POST", "/api/models/tester/repo/commit/main")
     conn.putheader("Content-Length", str(10 << 30))  # 10 GiB announced, a few bytes sent
+    conn.putheader("Authorization", f"Bearer {hub.token}")
+    conn.putheader("Content-Type", "application/x-ndjson")
     conn.endheaders(b"{")
     response = conn.getresponse()  # would time out if the server waited for the announced body
     assert response.status == 413

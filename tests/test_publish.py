@@ -20,7 +20,7 @@ def hub(tmp_path_factory):
 
 
 def hub_env(hub, tmp_path):
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_fake",
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": getattr(hub, "token", "hf_fake"),
             "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -66,7 +66,7 @@ def test_card_command_names_the_repo(trained_folder, tmp_path):
 def test_push_then_load_by_repo_id_is_bit_identical(trained_folder, hub, tmp_path):
     env = hub_env(hub, tmp_path)
     before = {p.name: p.read_bytes() for p in trained_folder.iterdir() if p.is_file()}
-    run_cli("push", trained_folder, "tester/scaling-mlp-tiny", env=env)
+    run_cli("push", "tester/scaling-mlp-tiny", trained_folder, env=env)
     assert {p.name: p.read_bytes() for p in trained_folder.iterdir() if p.is_file()} == before
     out = run_python(f"""
         import json, numpy as np, torch, hfpapers
@@ -118,7 +118,7 @@ def test_model_push_to_hub_and_pull(hub, tmp_path):
 
 def test_push_to_a_stopped_hub_fails_in_one_line_and_keeps_the_folder(trained_folder, tmp_path):
     before = {p.name: p.read_bytes() for p in trained_folder.iterdir() if p.is_file()}
-    proc = run_cli("push", trained_folder, "tester/nowhere", check=False,
+    proc = run_cli("push", "tester/nowhere", trained_folder, check=False,
                    env={**hub_env(type("H", (), {"url": "http://127.0.0.1:9"}), tmp_path)})
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "cannot reach the Hub at http://127.0.0.1:9/" in proc.stderr
