@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import hfpapers
+from hfpapers.engine import TrainingState
 from hfpapers.methods.efficientvim.modeling_efficientvim import EfficientViMBlock, HiddenStateMixerSSD
 from hfpapers.methods.efficientvim.recipe import EfficientViMRecipe, mix_batch, soft_target_cross_entropy
 
@@ -57,7 +58,8 @@ def naive_hsm_ssd(mixer: HiddenStateMixerSSD, x: torch.Tensor, height: int, widt
             for l in range(tokens):
                 hs[b, :, n] += math.exp(logits[l].item()) / denom * Bm[b, n, l] * x[b, :, l]
     hz = torch.einsum("oc,bcn->bon", mixer.hz_proj.conv.weight[:, :, 0], hs)
-    h, z = hz[:, :channels], hz[:, channels:]
+    inner = hz.shape[1] // 2  # ssd_expand * C
+    h, z = hz[:, :inner], hz[:, inner:]
     h = torch.einsum("oc,bcn->bon", mixer.out_proj.conv.weight[:, :, 0], h * z * torch.sigmoid(z) + h * mixer.D)
     for b in range(batch):
         for l in range(tokens):
@@ -66,9 +68,12 @@ def naive_hsm_ssd(mixer: HiddenStateMixerSSD, x: torch.Tensor, height: int, widt
     return y.reshape(batch, channels, height, width), h
 
 
-def test_hsm_ssd_matches_a_per_token_loop_of_the_equations():
+@pytest.mark.parametrize("ssd_expand", [1.0, 2.0, 0.5])
+def test_hsm_ssd_matches_a_per_token_loop_of_the_equations(ssd_expand):
     torch.manual_seed(0)
-    mixer = perturbed(HiddenStateMixerSSD(dim=6, state_dim=3, ssd_expand=1.0)).double()
+    mixer = perturbed(HiddenStateMixerSSD(dim=6, state_dim=3, ssd_expand=ssd_expand)).double()
+    # the official hz_proj reads the 6-channel hidden state and writes 2 * ssd_expand * 6 channels
+    assert mixer.hz_proj.conv.weight.shape == (int(12 * ssd_expand), 6, 1)
     with torch.no_grad():
         mixer.A.uniform_(1, 16)
     x = torch.randn(2, 6, 4 * 5, dtype=torch.float64)
@@ -134,15 +139,111 @@ def test_non_square_inputs_and_per_stage_outputs():
     assert [tuple(h.shape) for h in out.stage_hidden_states] == [(2, 32, 16), (2, 48, 9), (2, 64, 4)]
 
 
-@pytest.mark.parametrize(("shape", "message"), [
-    ((2, 1, 64, 64), r"\(batch, 3, height, width\).*got \(2, 1, 64, 64\)"),
-    ((2, 3, 48, 64), r"multiples of 16 and at least 64.*got \(2, 3, 48, 64\)"),
-    ((2, 3, 64, 72), r"multiples of 16 and at least 64.*got \(2, 3, 64, 72\)"),
+@pytest.mark.parametrize(("height", "width"), [(50, 70), (72, 64), (17, 33), (1, 1)])
+def test_any_size_runs_with_grids_rounded_up(height, width):
+    """Every stride-2 3x3 conv (padding 1) maps a side n to ceil(n / 2), as the official model (which takes square
+    inputs of any side): stage grids are ceil(H / 16), ceil(H / 32), ceil(H / 64)."""
+    torch.manual_seed(0)
+    model = perturbed(hfpapers.create_model("efficientvim", preset="tiny", num_labels=3)).eval()
+    x = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+        fused = copy.deepcopy(model).fuse()(pixel_values=x).logits
+    grids = [(math.ceil(height / 2 ** k), math.ceil(width / 2 ** k)) for k in (4, 5, 6)]
+    assert [tuple(f.shape[-2:]) for f in out.hidden_states] == grids
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(fused, out.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("pixel_values", "message"), [
+    (torch.zeros(2, 1, 64, 64), r"\(batch, 3, height, width\).*got \(2, 1, 64, 64\)"),
+    (torch.zeros(3, 64, 64), r"\(batch, 3, height, width\).*got \(3, 64, 64\)"),
+    (torch.zeros(0, 3, 64, 64), r"at least one image.*got shape \(0, 3, 64, 64\)"),
+    (torch.zeros(1, 3, 0, 64), r"at least 1x1 pixels.*got shape \(1, 3, 0, 64\)"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), r"floating point.*got torch.uint8"),
+    (torch.full((2, 3, 64, 64), float("nan")), r"NaN or infinite"),
+    (torch.full((2, 3, 64, 64), float("-inf")), r"NaN or infinite"),
+    ([[0.0]], r"\(batch, 3, height, width\).*got list"),
 ])
-def test_bad_inputs_are_rejected_clearly(shape, message):
-    model = hfpapers.create_model("efficientvim", preset="tiny")
+def test_bad_inputs_are_rejected_clearly(pixel_values, message):
+    model = hfpapers.create_model("efficientvim", preset="tiny").eval()
     with pytest.raises(ValueError, match=message):
-        model(pixel_values=torch.randn(shape))
+        model(pixel_values=pixel_values)
+
+
+def test_float64_and_float16_pixels_are_cast_to_the_model_dtype():
+    model = hfpapers.create_model("efficientvim", preset="tiny", num_labels=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float16):
+            got = model(pixel_values=x.to(dtype)).logits
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, model(pixel_values=x.to(dtype).float()).logits)
+
+
+def test_classifier_without_classes_is_refused():
+    with pytest.raises(Exception, match="num_labels must be at least 1.*got 0"):
+        hfpapers.create_model("efficientvim", preset="tiny", num_labels=0)
+
+
+def test_loss_follows_problem_type_and_config_output_hidden_states():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    model = hfpapers.create_model("efficientvim", preset="tiny", num_labels=4).eval()
+    targets = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    out = model(pixel_values=x, labels=targets)
+    p = out.logits.sigmoid()
+    torch.testing.assert_close(out.loss, -(targets * p.log() + (1 - targets) * (1 - p).log()).mean())
+    regression = hfpapers.create_model("efficientvim", preset="tiny", num_labels=1).eval()
+    values = torch.tensor([0.5, -1.0, 2.0])
+    out = regression(pixel_values=x, labels=values)
+    torch.testing.assert_close(out.loss, ((out.logits[:, 0] - values) ** 2).mean())
+    regression.config.output_hidden_states = True
+    out = regression(pixel_values=x)
+    assert len(out.hidden_states) == 3 and len(out.stage_hidden_states) == 3
+    assert regression(pixel_values=x, output_hidden_states=False).hidden_states is None
+
+
+def test_missing_batch_norm_state_is_initialised_including_step_counters(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = hfpapers.create_model("efficientvim", preset="tiny", num_labels=3)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = type(model).from_pretrained(tmp_path)
+    norms = [m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients_and_batch_norm_statistics(use_reentrant):
+    torch.manual_seed(0)
+    model = perturbed(hfpapers.create_model("efficientvim", preset="tiny", num_labels=3)).train()
+    start = copy.deepcopy(model.state_dict())
+    x, labels = torch.randn(4, 3, 64, 48), torch.tensor([0, 1, 2, 1])
+
+    def step():
+        model.load_state_dict(start)
+        model.zero_grad()
+        model(pixel_values=x, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, copy.deepcopy(model.state_dict())
+
+    plain, plain_state = step()
+    # transformers v5's name of gradient_checkpointing_enable()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    recomputed = []
+    model.efficientvim.stages[0].blocks[0].mixer.register_forward_hook(lambda *_: recomputed.append(1))
+    checkpointed, checkpointed_state = step()
+    assert len(recomputed) == 2  # the block ran again in the backward pass: it was checkpointed
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    # the recomputation must not update the BatchNorm running statistics a second time
+    for name, value in plain_state.items():
+        torch.testing.assert_close(checkpointed_state[name], value, msg=name)
 
 
 def test_fuse_keeps_outputs_and_refuses_to_train_or_save(tmp_path):
@@ -157,6 +258,19 @@ def test_fuse_keeps_outputs_and_refuses_to_train_or_save(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     with pytest.raises(ValueError, match="fused for inference"):
         fused.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.bfloat16, 0.1)])
+def test_fuse_keeps_the_dtype_of_the_weights(dtype, tolerance):
+    torch.manual_seed(0)
+    model = perturbed(hfpapers.create_model("efficientvim", preset="tiny", num_labels=5)).eval().to(dtype)
+    fused = copy.deepcopy(model).fuse()
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    x = torch.randn(2, 3, 64, 80, dtype=dtype)
+    with torch.no_grad():
+        got, expected = fused(pixel_values=x).logits, model(pixel_values=x).logits
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected.double(), atol=tolerance, rtol=tolerance)
 
 
 def test_block_gates_are_convex_mixes():
@@ -233,7 +347,7 @@ def test_hard_distillation_from_a_teacher_folder(tmp_path):
                                 random_erasing=0.0, crop_scale=(1.0, 1.0), label_smoothing=0.0)
     batch = {"pixel_values": torch.randn(4, 3, 64, 64), "labels": torch.tensor([0, 1, 2, 1])}
     student.train()  # BatchNorm on batch statistics: the same images give the same outputs again below
-    loss = recipe.compute_loss(student, batch, torch.Generator().manual_seed(5))
+    loss = recipe.compute_loss(student, batch, torch.Generator().manual_seed(5), TrainingState())
     gen = torch.Generator().manual_seed(5)
     from hfpapers.augment import horizontal_flip, random_resized_crop
     images = horizontal_flip(random_resized_crop(batch["pixel_values"], (1.0, 1.0), (3 / 4, 4 / 3), gen), gen)
@@ -244,4 +358,4 @@ def test_hard_distillation_from_a_teacher_folder(tmp_path):
         out.distillation_logits, teacher_labels)
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs a model with a distillation head"):
-        recipe.compute_loss(teacher, batch, torch.Generator().manual_seed(5))
+        recipe.compute_loss(teacher, batch, torch.Generator().manual_seed(5), TrainingState())

@@ -13,6 +13,7 @@ from PIL import Image
 
 import hfpapers
 from hfpapers.augment import random_resized_crop
+from hfpapers.engine import TrainingState
 from hfpapers.methods.scaling_mlp.recipe import Lion, ScalingMLPRecipe
 
 # Published counts at 64x64x3 (official README and the issue), with a 10-class and the ImageNet-21k head.
@@ -74,10 +75,78 @@ def test_hidden_states_and_loss():
     out = model(pixel_values=x, labels=labels, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_blocks + 1
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
-    soft = F.one_hot(labels, 4).float()
-    torch.testing.assert_close(model(pixel_values=x, labels=soft).loss, out.loss)
-    with pytest.raises(ValueError, match=r"soft labels must have shape \(2, 4\)"):
-        model(pixel_values=x, labels=torch.ones(2, 3))
+
+
+def test_loss_follows_problem_type_like_transformers_classifiers():
+    """Integer labels -> softmax CE; float (batch, num_labels) targets -> per-class BCE; one label -> MSE."""
+    x = torch.randn(3, 3, 16, 16)
+    multi = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=4)
+    targets = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    out = multi(pixel_values=x, labels=targets)
+    p = out.logits.sigmoid()
+    bce = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
+    assert multi.config.problem_type == "multi_label_classification"
+    torch.testing.assert_close(out.loss, bce)
+    regression = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=1)
+    values = torch.tensor([0.5, -1.0, 2.0])
+    out = regression(pixel_values=x, labels=values)
+    torch.testing.assert_close(out.loss, ((out.logits[:, 0] - values) ** 2).mean())
+    regression.config.problem_type = "multi_label_classification"  # an explicit problem type wins over inference
+    out = regression(pixel_values=x, labels=values[:, None].sigmoid())
+    assert out.loss.grad_fn.name().startswith("BinaryCrossEntropyWithLogits")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_blocks=3, num_labels=4).train()
+    x, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+
+    def gradients():
+        model.zero_grad()
+        model(pixel_values=x, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()  # transformers v5's name of gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing and all(b.gradient_checkpointing for b in model.mlp.blocks)
+    recomputed = []
+    model.mlp.blocks[0].block[0].register_forward_hook(lambda *_: recomputed.append(1))
+    checkpointed = gradients()
+    assert len(recomputed) == 2  # the block ran again in the backward pass: it was checkpointed
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("pixel_values", "message"), [
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), r"floating point.*got torch.uint8"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.int64), r"floating point.*got torch.int64"),
+    (torch.zeros(0, 3, 16, 16), r"empty batch"),
+    (torch.full((2, 3, 16, 16), float("nan")), r"NaN or infinite"),
+    (torch.full((1, 3, 16, 16), float("inf")), r"NaN or infinite"),
+    (torch.zeros(3, 16, 16), r"\(batch, 3, 16, 16\).*got \(3, 16, 16\)"),
+    (torch.zeros(2, 1, 16, 16), r"\(batch, 3, 16, 16\).*got \(2, 1, 16, 16\)"),
+    (np.zeros((2, 3, 16, 16), dtype=np.float32), r"\(batch, 3, 16, 16\).*got ndarray"),
+])
+def test_bad_pixel_values_get_one_clear_error(pixel_values, message):
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=pixel_values)
+
+
+def test_float64_and_float16_pixels_are_cast_to_the_model_dtype():
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(pixel_values=x).logits
+    for dtype in (torch.float64, torch.float16):
+        got = model(pixel_values=x.to(dtype)).logits
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, model(pixel_values=x.to(dtype).float()).logits)
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_classifier_without_classes_is_refused():
+    with pytest.raises(Exception, match="num_labels must be at least 1.*got 0"):
+        hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=0)
 
 
 def test_image_processor_resizes_and_normalises_like_the_paper():
@@ -93,6 +162,47 @@ def test_image_processor_resizes_and_normalises_like_the_paper():
     grey = processor(Image.fromarray(rgb[..., 0]), return_tensors="pt")["pixel_values"]
     assert grey.shape == (1, 3, 8, 8)
     assert processor(Image.new("RGB", (30, 20)), return_tensors="pt")["pixel_values"].shape == (1, 3, 8, 8)
+
+
+def box_average(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square (side, side, 3) array to (size, size, 3): output pixel i averages the input pixels whose
+    centres j + 0.5 lie in (i * s, (i + 1) * s], s = side / size (PIL's BOX filter); for an integer s this is the
+    exact area average of OpenCV's INTER_AREA."""
+    side = image.shape[0]
+    s = side / size
+    centres = np.arange(side) + 0.5
+    weights = np.array([(centres > i * s) & (centres <= (i + 1) * s) for i in range(size)], dtype=np.float64)
+    weights /= weights.sum(1, keepdims=True)
+    return np.einsum("ij,jkc,lk->ilc", weights, image.astype(np.float64), weights)
+
+
+@pytest.mark.parametrize(("height", "width"), [(30, 50), (50, 30), (375, 500), (31, 17)])
+def test_image_processor_centre_crops_a_square_then_area_resizes(height, width):
+    """The official test-time decoder (FFCV CenterCropRGBImageDecoder, ratio=1): the centred min(H, W) square,
+    then area resampling; not a stretch of the whole image."""
+    from hfpapers.methods.scaling_mlp import ScalingMLPConfig
+    from hfpapers.registry import create_processor
+
+    processor = create_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
+    rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    expected = np.round(box_average(rgb[top:top + side, left:left + side], 8))
+    got = processor(Image.fromarray(rgb), return_tensors="pt", do_normalize=False, do_rescale=False)["pixel_values"]
+    assert got.shape == (1, 3, 8, 8)
+    assert np.abs(got[0].numpy().transpose(1, 2, 0) - expected).max() <= 1  # uint8 rounding
+
+
+def test_image_processor_area_resize_is_block_mean_for_integer_ratios():
+    """48x80 -> the centred 48x48 square -> 8x8: each output pixel is the exact mean of a 6x6 block."""
+    from hfpapers.methods.scaling_mlp import ScalingMLPConfig
+    from hfpapers.registry import create_processor
+
+    processor = create_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    blocks = rgb[:, 16:64].reshape(8, 6, 8, 6, 3).astype(np.float64).mean((1, 3))
+    got = processor(Image.fromarray(rgb), return_tensors="pt", do_normalize=False, do_rescale=False)["pixel_values"]
+    assert np.abs(got[0].numpy().transpose(1, 2, 0) - np.round(blocks)).max() <= 1
 
 
 def test_lion_matches_its_update_rule_by_hand():
@@ -115,7 +225,8 @@ def test_mixup_loss_is_the_official_neighbour_blend():
                               horizontal_flip=False)
     model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
-    loss = recipe.compute_loss(model, {"pixel_values": x, "labels": y}, torch.Generator().manual_seed(7))
+    loss = recipe.compute_loss(model, {"pixel_values": x, "labels": y}, torch.Generator().manual_seed(7),
+                               TrainingState())
     # The same draw of lambda, then the blend written out.
     gen = torch.Generator().manual_seed(7)
     torch.empty(4).uniform_(1, 1, generator=gen), torch.empty(4).uniform_(0, 0, generator=gen)
@@ -178,7 +289,7 @@ except ValueError as error:
 m = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
 assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
 p = AutoImageProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-assert type(p).__name__.startswith("ViTImageProcessor") and p.size == {{"height": 16, "width": 16}}
+assert type(p).__name__.startswith("PerceiverImageProcessor") and p.size == {{"height": 16, "width": 16}}
 x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
 got = m(pixel_values=x).logits.detach().numpy()
 print(np.abs(got - np.load({str(tmp_path / 'expected.npy')!r})).max())

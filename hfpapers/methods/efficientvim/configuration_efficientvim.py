@@ -4,22 +4,20 @@ based State Space Duality", CVPR 2025, arXiv 2411.15241)."""
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-# The stem is four stride-2 convolutions and the two PatchMerging layers halve the size again: inputs must be
-# multiples of 16 (stem) and the stage grids must stay at least one token wide.
-STEM_STRIDE = 16
 
 
 @strict
 class EfficientViMConfig(PreTrainedConfig):
     r"""
-    image_size (`int`): the resolution the presets were trained at (224, or 256 for M4). The model accepts any
-        height and width that are multiples of 16 and at least 64; this sets the image processor's size.
+    image_size (`int`): the resolution the presets were trained at (224, or 256 for M4); it sets the image
+        processor's size. The model accepts any height and width (see `EfficientViMModel.forward`).
     num_channels (`int`): input channels.
     embed_dim (`list[int]`): channels of the three stages.
     depths (`list[int]`): EfficientViM blocks per stage.
     state_dim (`list[int]`): N, the number of hidden-state tokens of the HSM-SSD in each stage.
     mlp_ratio (`float`): expansion of the FFN branch.
-    ssd_expand (`float`): expansion of the HSM-SSD's inner width (1 in every published model).
+    ssd_expand (`float`): expansion of the HSM-SSD's inner width: `hz_proj` maps the C-channel hidden state to
+        2 * ssd_expand * C channels, `out_proj` back to C (1 in every published model).
     distillation (`bool`): add the DeiT-style distillation head (the `*-dist` models).
     layer_norm_eps (`float`): eps of the channel LayerNorms.
     batch_norm_eps (`float`): eps of the BatchNorms.
@@ -54,8 +52,10 @@ class EfficientViMConfig(PreTrainedConfig):
                 raise ValueError(f"{name} entries must be positive, got {list(getattr(self, name))}")
         if self.embed_dim[0] % 8:
             raise ValueError(f"embed_dim[0] must be a multiple of 8 (the stem uses D/8 channels), got {self.embed_dim[0]}")
-        if self.image_size % STEM_STRIDE:
-            raise ValueError(f"image_size must be a multiple of {STEM_STRIDE}, got {self.image_size}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1 (1 = regression), got {self.num_labels}")
 
 
 __all__ = ["EfficientViMConfig"]

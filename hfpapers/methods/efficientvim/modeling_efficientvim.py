@@ -4,22 +4,27 @@ A hierarchical network whose global token mixer is the HSM-SSD: the image tokens
 tokens with an input-dependent, softmax-normalised state-space matrix, channel mixing and gating run on those N
 tokens (not on the H*W image tokens), and the result is projected back. Module and parameter names follow the
 official code, so official and timm checkpoints map onto ours key for key (see convert_efficientvim.py). Unlike
-the official code, any input size that the stem divides works, square or not.
+the official code (square inputs only), any height and width work, square or not.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_efficientvim import STEM_STRIDE, EfficientViMConfig
+from .configuration_efficientvim import EfficientViMConfig
+
+# Each stride-2 3x3 convolution (padding 1) maps a side n to ceil(n / 2): the stem's four give the first stage
+# ceil(H / 16) x ceil(W / 16) tokens, each PatchMerging halves that again (rounding up), so every H, W >= 1 runs.
 
 
 class LayerNorm1D(nn.Module):
@@ -66,13 +71,14 @@ class ConvLayer2D(nn.Module):
         """Fold the BatchNorm (inference statistics) into the conv, then compute `scale * y + identity * x`
         with the conv alone (depthwise, same-size convs only for a non-zero `identity`): one conv at inference."""
         weight = self.conv.weight
-        bias = self.conv.bias if self.conv.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        like = {"dtype": weight.dtype, "device": weight.device}  # the fused conv keeps the source weights' dtype/device
+        bias = self.conv.bias if self.conv.bias is not None else torch.zeros(weight.shape[0], **like)
         if self.norm is not None:
             std = (self.norm.running_var + self.norm.eps).sqrt()
             weight = weight * (self.norm.weight / std).view(-1, 1, 1, 1)
             bias = self.norm.bias + (bias - self.norm.running_mean) * self.norm.weight / std
-        scale = torch.as_tensor(scale, dtype=weight.dtype).reshape(-1)
-        identity = torch.as_tensor(identity, dtype=weight.dtype).reshape(-1)
+        scale = torch.as_tensor(scale, **like).reshape(-1)
+        identity = torch.as_tensor(identity, **like).reshape(-1)
         weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale
         if identity.abs().sum() > 0:
             if self.conv.groups != self.conv.in_channels or self.conv.stride != (1, 1) or weight.shape[1] != 1:
@@ -81,7 +87,7 @@ class ConvLayer2D(nn.Module):
             weight = weight.clone()
             weight[:, 0, k, k] += identity
         fused = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size, self.conv.stride,
-                          self.conv.padding, groups=self.conv.groups, bias=True)
+                          self.conv.padding, groups=self.conv.groups, bias=True, **like)
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
         self.conv, self.norm = fused, None
@@ -125,7 +131,8 @@ class HiddenStateMixerSSD(nn.Module):
         self.inner_dim = int(ssd_expand * dim)
         self.BCdt_proj = ConvLayer1D(dim, 3 * state_dim)
         self.dw = ConvLayer2D(3 * state_dim, 3 * state_dim, 3, groups=3 * state_dim, norm=False, act=False)
-        self.hz_proj = ConvLayer1D(self.inner_dim, 2 * self.inner_dim)
+        # As the official HSMSSD: hz_proj reads the dim-channel hidden state, out_proj the inner_dim-channel gate.
+        self.hz_proj = ConvLayer1D(dim, 2 * self.inner_dim)
         self.out_proj = ConvLayer1D(self.inner_dim, dim)
         self.A = nn.Parameter(torch.empty(state_dim))
         self.D = nn.Parameter(torch.empty(1))
@@ -142,7 +149,7 @@ class HiddenStateMixerSSD(nn.Module):
         return y.view(batch, -1, height, width), h
 
 
-class EfficientViMBlock(nn.Module):
+class EfficientViMBlock(GradientCheckpointingLayer):
     """Four gated branches, each a convex mix `x <- (1 - a) x + a branch(x)` with `a = sigmoid(alpha)`:
     depthwise conv, HSM-SSD on the layer-normalised tokens, depthwise conv, FFN. Returns (x, h)."""
 
@@ -198,7 +205,7 @@ def _make_divisible(value: float, divisor: int) -> int:
     return max(divisor, int(value + divisor / 2) // divisor * divisor)
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(GradientCheckpointingLayer):
     """Downsampling between stages: dw-conv residual, 1x1 expand (x4), dw 3x3 stride 2, SE, 1x1 project,
     dw-conv residual."""
 
@@ -298,6 +305,15 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["EfficientViMBlock", "PatchMerging"]
+    supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
+        func = {} if gradient_checkpointing_func is None else {"gradient_checkpointing_func": gradient_checkpointing_func}
+        super()._set_gradient_checkpointing(enable, every_n_layers=every_n_layers, **func)
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._gradient_checkpointing_func = partial(
+                    _checkpoint_keeping_batch_norm_statistics, module._gradient_checkpointing_func, module)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -311,6 +327,7 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, HiddenStateMixerSSD):
             init.uniform_(module.A, 1.0, 16.0)
             init.ones_(module.D)
@@ -351,16 +368,43 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
             raise ValueError("this model was fused for inference (fuse()); save the unfused model instead")
         return super().save_pretrained(*args, **kwargs)
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The normalised image batch, in the model's dtype (float pixels are cast, as transformers' ViT does)."""
         c = self.config
-        shape = tuple(pixel_values.shape)
-        # The stem (stride 16) and two PatchMergings (x4) must each leave a grid at least one token wide.
-        if (len(shape) != 4 or shape[1] != c.num_channels or shape[2] % STEM_STRIDE or shape[3] % STEM_STRIDE
-                or min(shape[2:]) < 4 * STEM_STRIDE):
-            raise ValueError(
-                f"pixel_values must have shape (batch, {c.num_channels}, height, width) with height and width "
-                f"multiples of {STEM_STRIDE} and at least {4 * STEM_STRIDE} (e.g. 224 or 256), got {shape}"
-            )
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != c.num_channels:
+            got = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must have shape (batch, {c.num_channels}, height, width), got {got}")
+        if pixel_values.shape[0] == 0 or min(pixel_values.shape[2:]) == 0:
+            raise ValueError(f"pixel_values must hold at least one image of at least 1x1 pixels, got shape "
+                             f"{tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, normalised by the image processor; got "
+                             f"{pixel_values.dtype} (raw {pixel_values.dtype} pixels are not normalised)")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
+        return pixel_values.to(self.dtype)
+
+
+def _checkpoint_keeping_batch_norm_statistics(checkpoint, layer: nn.Module, function, *args):
+    """Gradient checkpointing of `layer` whose backward recomputation leaves the BatchNorm running statistics as
+    the forward pass left them: without this, each training step would update them twice."""
+    calls = 0
+
+    def run(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return function(*inputs)
+        buffers = [b for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        try:
+            return function(*inputs)
+        finally:  # also when non-reentrant checkpointing stops the recomputation early
+            for buffer, value in zip(buffers, saved):
+                # through .data: batch_norm saved these buffers for backward, whose version check must still pass
+                buffer.data.copy_(value)
+
+    return checkpoint(run, *args)
 
 
 class EfficientViMModel(EfficientViMPreTrainedModel):
@@ -376,8 +420,9 @@ class EfficientViMModel(EfficientViMPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, **kwargs) -> EfficientViMModelOutput | tuple:
-        """pixel_values: (batch, num_channels, height, width), height and width multiples of 16, at least 64."""
-        self._check_pixel_values(pixel_values)
+        """pixel_values: (batch, num_channels, height, width), any height and width: the stages run on
+        ceil(H / 16) x ceil(W / 16), then ceil(H / 32) x ceil(W / 32), then ceil(H / 64) x ceil(W / 64) tokens."""
+        pixel_values = self._check_pixel_values(pixel_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -422,7 +467,13 @@ class EfficientViMForImageClassification(EfficientViMPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 **kwargs) -> EfficientViMImageClassifierOutput | tuple:
+        """labels as transformers' image classifiers take them, following `config.problem_type` (inferred on the
+        first call when unset): (batch,) class indices -> cross-entropy; (batch, num_labels) floats -> multi-label
+        BCE; num_labels == 1 -> regression (MSE). Training recipes with soft targets compute their own loss."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         outputs = self.efficientvim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         features = [norm(h).mean(-1) for norm, h in zip(self.norm, outputs.stage_hidden_states)]
         features.append(self.norm[3](outputs.last_hidden_state).mean((2, 3)))
@@ -434,7 +485,7 @@ class EfficientViMForImageClassification(EfficientViMPreTrainedModel):
                 logits = (logits + distillation_logits) / 2
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits, labels)
+            loss = self.loss_function(labels.to(logits.device), logits, self.config)
         output = EfficientViMImageClassifierOutput(
             loss=loss, logits=logits, distillation_logits=distillation_logits,
             hidden_states=outputs.hidden_states if output_hidden_states else None,

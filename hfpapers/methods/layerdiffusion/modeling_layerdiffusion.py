@@ -19,13 +19,15 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, PushToHubMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from huggingface_hub import HfApi
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LatentTransparencyEncoder", "TransparentVAEDecoder", "TransparentVAE", "TransparentVAEOutput", "pad_rgb",
-           "checkerboard_preview", "rgba_to_tensor", "dihedral", "AUGMENTATIONS"]
+__all__ = ["LatentTransparencyEncoder", "LatentTransparencyEncoderOutput", "TransparentVAEDecoder",
+           "TransparentVAEDecoderOutput", "TransparentVAE", "TransparentVAEOutput", "pad_rgb", "checkerboard_preview",
+           "rgba_to_tensor", "dihedral", "AUGMENTATIONS"]
 
 # The decoder adds the latent to its features just before this down block: after three halvings, at the
 # VAE's 1/8 latent resolution.
@@ -75,10 +77,29 @@ def pad_rgb(rgba: torch.Tensor, dk: float = 1.2) -> torch.Tensor:
     return filled.to(rgba.dtype)
 
 
-def _check_rgba(rgba: torch.Tensor) -> None:
-    if rgba.ndim != 4 or rgba.shape[1] != 4:
-        raise ValueError(f"expected straight RGBA of shape (batch, 4, height, width) in [0, 1], got shape "
-                         f"{tuple(rgba.shape)}; RGB without alpha has no transparency to encode")
+def _check_rgba(rgba: torch.Tensor, multiple: int = 1) -> None:
+    """Straight RGBA as every LayerDiffuse part expects it: a finite float (B >= 1, 4, H, W) batch in [0, 1], with
+    H and W multiples of `multiple` (the VAE's downsampling, where a latent is made)."""
+    if not torch.is_tensor(rgba) or rgba.ndim != 4 or rgba.shape[1] != 4:
+        got = f"shape {tuple(rgba.shape)}" if torch.is_tensor(rgba) else type(rgba).__name__
+        raise ValueError(f"expected straight RGBA of shape (batch, 4, height, width) in [0, 1], got {got}; "
+                         "RGB without alpha has no transparency to encode")
+    if rgba.shape[0] == 0 or min(rgba.shape[2:]) == 0:
+        raise ValueError(f"expected at least one RGBA image of at least 1x1 pixels, got shape {tuple(rgba.shape)}")
+    height, width = rgba.shape[-2:]
+    if height % multiple or width % multiple:
+        fit = [max(multiple, side // multiple * multiple) for side in (height, width)]
+        raise ValueError(f"height and width must be multiples of {multiple} (the VAE's downsampling), got "
+                         f"{height}x{width}; resize or crop the image, e.g. to {fit[0]}x{fit[1]}")
+    if not rgba.is_floating_point():
+        raise ValueError(f"expected float RGBA in [0, 1], got {rgba.dtype} values (divide 0-255 pixels by 255, or "
+                         "pass PIL images)")
+    if not torch.isfinite(rgba).all():
+        raise ValueError("the RGBA image contains NaN or infinite values; expected finite values in [0, 1]")
+    low, high = rgba.aminmax()
+    if low < 0 or high > 1:
+        raise ValueError(f"expected RGBA values in [0, 1], got values from {low.item():g} to {high.item():g} "
+                         "(0-255 pixels must be divided by 255)")
 
 
 def rgba_to_tensor(image) -> torch.Tensor:
@@ -89,9 +110,11 @@ def rgba_to_tensor(image) -> torch.Tensor:
         return tensor.float()
     images = image if isinstance(image, (list, tuple)) else [image]
     for i, item in enumerate(images):
-        if not isinstance(item, PIL.Image.Image) or "A" not in item.getbands():
-            mode = item.mode if isinstance(item, PIL.Image.Image) else type(item).__name__
-            raise ValueError(f"image {i} is {mode!r}, not RGBA: latent transparency needs an alpha channel "
+        if not isinstance(item, PIL.Image.Image):
+            raise ValueError(f"expected RGBA PIL image(s) or a (batch, 4, height, width) tensor in [0, 1], got "
+                             f"{type(item).__name__} (image {i})")
+        if "A" not in item.getbands():
+            raise ValueError(f"image {i} is {item.mode!r}, not RGBA: latent transparency needs an alpha channel "
                              "(for a fully opaque image, add one with image.putalpha(255))")
     sizes = sorted({item.size for item in images})
     if len(sizes) != 1:
@@ -108,6 +131,20 @@ def checkerboard_preview(rgba: torch.Tensor, cell: int = 64) -> torch.Tensor:
     board = 0.45 + 0.1 * ((ys + xs) % 2).to(rgba.dtype)
     alpha = rgba[:, 3:]
     return rgba[:, :3] * alpha + board * (1 - alpha)
+
+
+@dataclass
+class LatentTransparencyEncoderOutput(BaseOutput):
+    """`offset`: (B, latent_channels, H / 8, W / 8), what replaces the Gaussian noise of the VAE posterior."""
+
+    offset: torch.Tensor
+
+
+@dataclass
+class TransparentVAEDecoderOutput(BaseOutput):
+    """`sample`: the raw (B, 4, H, W) estimate, alpha first, then R, G, B (not clipped)."""
+
+    sample: torch.Tensor
 
 
 class LatentTransparencyEncoder(ModelMixin, ConfigMixin):
@@ -137,12 +174,13 @@ class LatentTransparencyEncoder(ModelMixin, ConfigMixin):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def forward(self, rgba: torch.Tensor) -> torch.Tensor:
-        """Straight RGBA (B, 4, H, W) in [0, 1] -> offset (B, latent_channels, H / 8, W / 8)."""
-        _check_rgba(rgba)
+    def forward(self, rgba: torch.Tensor, return_dict: bool = True) -> LatentTransparencyEncoderOutput | tuple:
+        """Straight RGBA (B, 4, H, W) in [0, 1], H and W multiples of 8 -> offset (B, latent_channels, H / 8, W / 8)."""
+        _check_rgba(rgba, self.downsample_factor)
         alpha = rgba[:, 3:]
         features = torch.cat([alpha, pad_rgb(rgba)], dim=1).to(self.dtype)
-        return self.blocks(features) * self.config.offset_scale
+        offset = self.blocks(features) * self.config.offset_scale
+        return LatentTransparencyEncoderOutput(offset=offset) if return_dict else (offset,)
 
 
 class TransparentVAEDecoder(ModelMixin, ConfigMixin):
@@ -152,6 +190,8 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
     added before down block 3. The output's channel 0 is alpha, channels 1-3 the straight foreground colour.
     Height and width must be multiples of 2^(number of blocks - 1): 64 for the released architecture.
     """
+
+    _supports_gradient_checkpointing = True  # the diffusers down / mid / up blocks checkpoint themselves
 
     @register_to_config
     def __init__(
@@ -231,9 +271,10 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
         if latent.shape[0] != pixel.shape[0]:
             raise ValueError(f"pixel and latent batch sizes differ: {pixel.shape[0]} vs {latent.shape[0]}")
 
-    def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel: torch.Tensor, latent: torch.Tensor,
+                return_dict: bool = True) -> TransparentVAEDecoderOutput | tuple:
         """pixel: VAE-decoded RGB (B, 3, H, W) in [0, 1]; latent: the unscaled VAE latent (B, 4, H/8, W/8).
-        Returns the raw (B, 4, H, W) output: alpha, then R, G, B."""
+        Returns the raw (B, 4, H, W) output as `sample`: alpha, then R, G, B."""
         self.check_inputs(pixel, latent)
         latent_features = self.latent_conv_in(latent.to(self.dtype))
         sample = self.conv_in(pixel.to(self.dtype))
@@ -247,7 +288,8 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
         for block in self.up_blocks:
             res_samples, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
             sample = block(sample, res_samples, None)
-        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        return TransparentVAEDecoderOutput(sample=sample) if return_dict else (sample,)
 
     def estimate(self, pixel: torch.Tensor, latent: torch.Tensor, augment: bool = False,
                  passes_per_batch: int = 1) -> torch.Tensor:
@@ -257,7 +299,7 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
         of at most that many. The default, one at a time, is the official loop's memory (on a 2-core CPU batching
         buys no speed; see evaluation/benchmarks/layerdiffusion_decoder.py)."""
         if not augment:
-            return self(pixel, latent).clamp(0, 1)
+            return self(pixel, latent, return_dict=False)[0].clamp(0, 1)
         if not 1 <= passes_per_batch <= len(AUGMENTATIONS):
             raise ValueError(f"passes_per_batch must be between 1 and {len(AUGMENTATIONS)}, got {passes_per_batch}")
         batch = pixel.shape[0]
@@ -270,7 +312,7 @@ class TransparentVAEDecoder(ModelMixin, ConfigMixin):
                     continue
                 feed_pixel = torch.cat([dihedral(pixel, *a) for a in group])
                 feed_latent = torch.cat([dihedral(latent, *a) for a in group])
-                estimates = self(feed_pixel, feed_latent).clamp(0, 1).split(batch)
+                estimates = self(feed_pixel, feed_latent, return_dict=False)[0].clamp(0, 1).split(batch)
                 outputs += [_unaugment(e, *a) for e, a in zip(estimates, group)]
         return torch.stack(outputs).median(dim=0).values
 
@@ -295,14 +337,16 @@ class TransparentVAEOutput(BaseOutput):
     latent: torch.Tensor  # the unscaled latent with the offset
 
 
-class TransparentVAE(nn.Module):
+class TransparentVAE(nn.Module, PushToHubMixin):
     """A Stable Diffusion `AutoencoderKL` with latent transparency: `encode(rgba)` -> latents that carry the
     alpha channel yet decode to the premultiplied image with the plain VAE; `decode(latents)` -> RGBA.
 
     Latents are scaled like the pipelines' (`vae.config.scaling_factor`), so `encode`/`decode` stand in for the
     usual `vae.encode(...).latent_dist.sample() * scaling_factor` and `vae.decode(latents / scaling_factor)`.
     The folder layout of `save_pretrained` (`vae/`, `transparent_encoder/`, `transparent_decoder/`) is the one a
-    transparent pipeline uses, so `from_pretrained` also reads those parts out of a saved pipeline.
+    transparent pipeline uses, so `from_pretrained` also reads those parts out of a saved pipeline, from a folder
+    or a Hub repo id, and `push_to_hub(repo_id)` uploads that layout (diffusers' `PushToHubMixin`).
+    `encode` takes RGBA tensors or RGBA PIL images, as the image-to-image pipelines do.
     """
 
     SUBFOLDERS = {"vae": AutoencoderKL, "transparent_encoder": LatentTransparencyEncoder,
@@ -346,20 +390,23 @@ class TransparentVAE(nn.Module):
     def posterior(self, rgba: torch.Tensor):
         """The frozen VAE's posterior for RGBA: it sees the colour premultiplied by alpha in [-1, 1] (the image
         over mid-grey), exactly what the official encoder feeds it."""
-        _check_rgba(rgba)
+        _check_rgba(rgba, 2 ** LATENT_BLOCK)
         premultiplied = (rgba[:, :3] * 2 - 1) * rgba[:, 3:]
         return self.vae.encode(premultiplied.to(self.vae.dtype)).latent_dist
 
-    def encode_unscaled(self, rgba: torch.Tensor) -> torch.Tensor:
-        """The latent with transparency, `mean + std * offset`, before the pipeline's scaling."""
+    def encode_unscaled(self, rgba) -> torch.Tensor:
+        """The latent with transparency, `mean + std * offset`, before the pipeline's scaling. `rgba`: a
+        (B, 4, H, W) tensor in [0, 1] or RGBA PIL image(s), H and W multiples of 8."""
         if self.transparent_encoder is None:
             raise ValueError("this TransparentVAE has no transparent encoder; load one to encode RGBA images")
+        if not torch.is_tensor(rgba):
+            rgba = rgba_to_tensor(rgba).to(self.vae.device)
         posterior = self.posterior(rgba)
-        offset = self.transparent_encoder(rgba.to(self.transparent_encoder.dtype))
+        offset = self.transparent_encoder(rgba.to(self.transparent_encoder.dtype), return_dict=False)[0]
         return posterior.mean + posterior.std * offset.to(posterior.mean.dtype)
 
-    def encode(self, rgba: torch.Tensor) -> torch.Tensor:
-        """Straight RGBA (B, 4, H, W) in [0, 1] -> scaled latents carrying transparency."""
+    def encode(self, rgba) -> torch.Tensor:
+        """Straight RGBA (B, 4, H, W) in [0, 1], or RGBA PIL image(s) -> scaled latents carrying transparency."""
         return self.encode_unscaled(rgba) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor, augment: bool = False, passes_per_batch: int = 1) -> torch.Tensor:
@@ -374,7 +421,7 @@ class TransparentVAE(nn.Module):
         """Encode and decode straight RGBA in [0, 1] (one pass, unclipped): the training round trip."""
         latent = self.encode_unscaled(rgba)
         decoded = self.vae.decode(latent).sample
-        estimate = self.transparent_decoder((decoded * 0.5 + 0.5).clamp(0, 1), latent)
+        estimate = self.transparent_decoder((decoded * 0.5 + 0.5).clamp(0, 1), latent, return_dict=False)[0]
         return TransparentVAEOutput(rgba=_alpha_last(estimate), pixel=decoded, latent=latent)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -385,19 +432,30 @@ class TransparentVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "TransparentVAE":
-        """From a folder or Hub repo with `vae/`, `transparent_decoder/` and optionally `transparent_encoder/`
-        (a saved transparent pipeline has them all)."""
+        """From a folder or Hub repo id with `vae/`, `transparent_decoder/` and optionally `transparent_encoder/`
+        (a saved transparent pipeline has them all); `kwargs` (revision, token, torch_dtype, ...) go to each part."""
         parts = {}
         for name, part_class in cls.SUBFOLDERS.items():
             try:
                 parts[name] = part_class.from_pretrained(path, subfolder=name, **kwargs)
             except OSError as error:
                 # the encoder is optional (a decode-only model), but one that is there and broken is an error
-                if name == "transparent_encoder" and not (Path(path) / name).is_dir():
+                if name == "transparent_encoder" and not _has_subfolder(path, name, kwargs):
                     parts[name] = None
                     continue
                 raise OSError(f"{path} has no loadable {name}/ folder: {error}") from error
         return cls(**parts)
+
+
+def _has_subfolder(path: str | Path, name: str, kwargs: dict) -> bool:
+    """Whether a local folder, or else a Hub repo, has `name/` (then a failure to load it is a real error)."""
+    if Path(path).is_dir():
+        return (Path(path) / name).is_dir()
+    try:
+        files = HfApi().list_repo_files(str(path), revision=kwargs.get("revision"), token=kwargs.get("token"))
+    except Exception:  # offline or unreachable: only the part's own error can tell, so report it
+        return True
+    return any(f.startswith(f"{name}/") for f in files)
 
 
 def _alpha_last(estimate: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,8 @@ class ScalingMLPConfig(PreTrainedConfig):
         for name in ("image_size", "num_channels", "num_blocks", "hidden_size", "expansion_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1 (1 = regression), got {self.num_labels}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
 

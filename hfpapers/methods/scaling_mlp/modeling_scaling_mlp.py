@@ -12,12 +12,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .configuration_scaling_mlp import ScalingMLPConfig
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(GradientCheckpointingLayer):
     """Inverted bottleneck `fc2(act(fc1(x)))`: hidden_size -> expansion_factor * hidden_size -> hidden_size."""
 
     def __init__(self, config: ScalingMLPConfig):
@@ -46,6 +47,7 @@ class ScalingMLPPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["BottleneckBlock"]
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -57,14 +59,25 @@ class ScalingMLPPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The normalised image batch, in the model's dtype (float pixels are cast, as transformers' ViT does)."""
         c = self.config
         expected = (c.num_channels, c.image_size, c.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            got = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(
                 f"pixel_values must have shape (batch, {c.num_channels}, {c.image_size}, {c.image_size}) for this "
-                f"model, got {tuple(pixel_values.shape)}; resize images with the model's image processor"
+                f"model, got {got}; resize images with the model's image processor"
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, normalised by the image processor; got "
+                             f"{pixel_values.dtype} (raw {pixel_values.dtype} pixels are not normalised)")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values is an empty batch, shape {tuple(pixel_values.shape)}; "
+                             "pass at least one image")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
+        return pixel_values.to(self.dtype)
 
 
 class ScalingMLPModel(ScalingMLPPreTrainedModel):
@@ -85,7 +98,7 @@ class ScalingMLPModel(ScalingMLPPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """pixel_values: (batch, num_channels, image_size, image_size), normalised by the image processor."""
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._check_pixel_values(pixel_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -118,15 +131,15 @@ class ScalingMLPForImageClassification(ScalingMLPPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        """labels: (batch,) class indices, or (batch, num_labels) class probabilities (mixup / label smoothing)."""
+        """labels as transformers' image classifiers take them, following `config.problem_type` (inferred on the
+        first call when unset): (batch,) class indices -> cross-entropy; (batch, num_labels) floats -> multi-label
+        BCE; num_labels == 1 -> regression (MSE). Training recipes with soft targets compute their own loss."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.mlp(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.linear_out(outputs.pooler_output)
         loss = None
         if labels is not None:
-            if labels.dim() == 2 and labels.shape != logits.shape:
-                raise ValueError(f"soft labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss = self.loss_function(labels.to(logits.device), logits, self.config)
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
