@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import hfpapers
 from hfpapers import data
+from hfpapers.engine import TrainingState
 from hfpapers.methods.layerdiffusion import (
     LatentTransparencyEncoder,
     TransparentStableDiffusionImg2ImgPipeline,
@@ -64,17 +65,17 @@ def test_encoder_parameter_count_in_closed_form():
         previous = c
     expected += conv(previous, 4)
     assert sum(p.numel() for p in encoder.parameters()) == expected
-    assert encoder(torch.rand(1, 4, 32, 32)).shape == (1, 4, 8, 8)
+    assert encoder(torch.rand(1, 4, 32, 32)).offset.shape == (1, 4, 8, 8)
 
 
 def test_untrained_parts_start_neutral():
     """The offset's last conv and the decoder's latent input are zero-initialised, as the official code."""
     encoder = LatentTransparencyEncoder(block_out_channels=(8, 8, 8, 8))
-    assert torch.equal(encoder(torch.rand(2, 4, 16, 16)), torch.zeros(2, 4, 2, 2))
+    assert torch.equal(encoder(torch.rand(2, 4, 16, 16)).offset, torch.zeros(2, 4, 2, 2))
     decoder = TransparentVAEDecoder(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                                     down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4)
     pixel = torch.rand(1, 3, 16, 16)
-    assert torch.equal(decoder(pixel, torch.randn(1, 4, 2, 2)), decoder(pixel, torch.zeros(1, 4, 2, 2)))
+    assert torch.equal(decoder(pixel, torch.randn(1, 4, 2, 2)).sample, decoder(pixel, torch.zeros(1, 4, 2, 2)).sample)
 
 
 # --- padded RGB ------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_offset_injection_is_mean_plus_std_times_offset(tiny_vae):
     rgba = random_rgba()
     with torch.no_grad():
         posterior = tiny_vae.vae.encode((rgba[:, :3] * 2 - 1) * rgba[:, 3:]).latent_dist
-        offset = tiny_vae.transparent_encoder(rgba)
+        offset = tiny_vae.transparent_encoder(rgba).offset
         expected = (posterior.mean + posterior.std * offset) * tiny_vae.vae.config.scaling_factor
         assert offset.abs().max() > 0
         assert torch.allclose(tiny_vae.encode(rgba), expected, atol=1e-6)
@@ -139,7 +140,8 @@ def test_augmented_decoding_is_the_median_of_eight_transformed_passes(tiny_vae):
         for flip in (False, True):
             for k in range(4):  # the official loop, one pass at a time
                 p, z = (torch.flip(x, dims=(3,)) if flip else x for x in (pixel, latent))
-                out = torch.rot90(decoder(torch.rot90(p, k, (2, 3)), torch.rot90(z, k, (2, 3))).clip(0, 1), -k, (2, 3))
+                rotated = decoder(torch.rot90(p, k, (2, 3)), torch.rot90(z, k, (2, 3))).sample
+                out = torch.rot90(rotated.clip(0, 1), -k, (2, 3))
                 passes.append(torch.flip(out, dims=(3,)) if flip else out)
         expected = torch.stack(passes).median(dim=0).values
         for passes_per_batch in (1, 3, 8):
@@ -231,6 +233,10 @@ def test_sd15_image_to_image_keeps_size_and_needs_alpha(tiny_vae):
         pipe("a red box", image=source.convert("RGB"), strength=0.5, num_inference_steps=4)
     with pytest.raises(ValueError, match="multiples of 8"):
         pipe("a red box", image=source.crop((0, 0, 60, 64)), strength=0.5, num_inference_steps=4)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):  # 0-255 floats are refused, not clipped
+        pipe("a red box", image=random_rgba(batch=1) * 255, strength=0.5, num_inference_steps=4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pipe("a red box", image=torch.full((1, 4, 64, 64), float("nan")), strength=0.5, num_inference_steps=4)
 
 
 def test_sdxl_text_to_image_and_image_to_image(tiny_vae):
@@ -308,7 +314,7 @@ def test_gan_term_trains_the_discriminator_only_on_its_own_loss():
                                             PatchDiscriminator(channels=8, num_layers=2))
     rgba = random_rgba(batch=2, height=32, width=32)
     recipe = LayerDiffusionRecipe(gan_weight=0.5, dihedral_augmentation=False)
-    recipe.compute_loss(model, {"rgba": rgba}, None).backward()
+    recipe.compute_loss(model, {"rgba": rgba}, None, TrainingState()).backward()
     disc_grads = [p.grad.clone() for p in model.discriminator.parameters()]
     decoder_grads = [p.grad.clone() for p in model.transparent_vae.transparent_decoder.parameters()]
     model.zero_grad()
@@ -330,7 +336,7 @@ def test_push_and_load_by_repo_id(tiny_vae, tmp_path):
 
     tiny_vae.save_pretrained(tmp_path / "model")
     with LocalHub(data_dir=tmp_path / "hub") as hub:
-        push(tmp_path / "model", "me/tiny-transparent-vae", endpoint=hub.url, token="hf_fake")
+        push(tmp_path / "model", "me/tiny-transparent-vae", endpoint=hub.url, token=hub.token)
         code = (
             "import torch\n"
             "from hfpapers.methods.layerdiffusion import TransparentVAE\n"
@@ -339,7 +345,7 @@ def test_push_and_load_by_repo_id(tiny_vae, tmp_path):
             "print(model.decode(torch.randn(1, 4, 8, 8)).sum().item())\n"
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"),
-               "HF_TOKEN": "hf_fake", "HF_HUB_DISABLE_TELEMETRY": "1"}
+               "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
@@ -379,3 +385,112 @@ def test_a_decode_only_model_loads_and_a_broken_encoder_is_an_error(tiny_vae, tm
     (tmp_path / "transparent_encoder").mkdir()
     with pytest.raises(OSError, match="transparent_encoder"):
         TransparentVAE.from_pretrained(tmp_path)
+
+
+# --- diffusers model contract ------------------------------------------------------------------------------------
+
+def test_encoder_and_decoder_return_outputs_or_tuples(tiny_vae):
+    from diffusers.utils import BaseOutput
+
+    rgba = random_rgba()
+    encoder, decoder = tiny_vae.transparent_encoder, tiny_vae.transparent_decoder
+    pixel, latent = torch.rand(2, 3, 64, 64), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        encoded, decoded = encoder(rgba), decoder(pixel, latent)
+        assert isinstance(encoded, BaseOutput) and isinstance(decoded, BaseOutput)
+        offset, = encoder(rgba, return_dict=False)
+        sample, = decoder(pixel, latent, return_dict=False)
+    assert torch.equal(encoded.offset, offset) and offset.shape == (2, 4, 8, 8)
+    assert torch.equal(decoded.sample, sample) and sample.shape == (2, 4, 64, 64)
+
+
+def test_decoder_gradient_checkpointing_gives_the_same_gradients(tiny_vae):
+    torch.manual_seed(0)
+    decoder = TransparentVAEDecoder.from_config(tiny_vae.transparent_decoder.config).train()
+    for parameter in decoder.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    pixel, latent = torch.rand(2, 3, 64, 64), torch.randn(2, 4, 8, 8)
+
+    def gradients():
+        decoder.zero_grad()
+        decoder(pixel, latent).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in decoder.named_parameters()}
+
+    plain = gradients()
+    decoder.enable_gradient_checkpointing()
+    assert decoder.is_gradient_checkpointing
+    recomputed = []
+    decoder.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: recomputed.append(1))
+    checkpointed = gradients()
+    assert len(recomputed) == 2  # the block ran again in the backward pass: it was checkpointed
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_push_to_hub_and_from_pretrained_by_repo_id(tiny_vae, tmp_path):
+    """`TransparentVAE.push_to_hub` (diffusers' mixin) and `from_pretrained(repo_id)`, a decode-only model too."""
+    from hfpapers.testing import LocalHub
+
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    torch.save(latents, tmp_path / "latents.pt")
+    tiny_vae.save_pretrained(tmp_path / "model")
+    code = (
+        "import torch\n"
+        "from hfpapers.methods.layerdiffusion import TransparentVAE\n"
+        f"model = TransparentVAE.from_pretrained({str(tmp_path / 'model')!r})\n"
+        "model.push_to_hub('me/transparent-vae')\n"
+        "TransparentVAE(model.vae, model.transparent_decoder).push_to_hub('me/decode-only')\n"
+        "loaded = TransparentVAE.from_pretrained('me/transparent-vae')\n"
+        "assert TransparentVAE.from_pretrained('me/decode-only').transparent_encoder is None\n"
+        f"latents = torch.load({str(tmp_path / 'latents.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    print(loaded.decode(latents).sum().item())\n"
+    )
+    with LocalHub(data_dir=tmp_path / "hub") as hub:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"),
+               "HF_TOKEN": getattr(hub, "token", None) or "hf_fake", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        expected = tiny_vae.decode(latents).sum().item()
+    assert float(proc.stdout.split()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+def _rgba(dtype=torch.float32, scale=1.0, fill=None, size=(64, 64), batch=1):
+    rgba = random_rgba(batch=max(batch, 1), height=size[0], width=size[1])[:batch] * scale
+    if fill is not None:
+        rgba[0, 0, 0, 0] = fill
+    return rgba.to(dtype)
+
+
+@pytest.mark.parametrize(("rgba", "message"), [
+    (_rgba(size=(60, 60)), r"multiples of 8.*got 60x60.*e\.g\. to 56x56"),
+    (_rgba(size=(64, 60)), r"multiples of 8.*got 64x60"),
+    ((_rgba() * 255).to(torch.uint8), r"float RGBA in \[0, 1\], got torch.uint8"),
+    (_rgba(scale=255.0), r"values in \[0, 1\], got values from 0 to 2\d\d"),
+    (_rgba(fill=-0.5), r"values in \[0, 1\], got values from -0.5"),
+    (_rgba(fill=float("nan")), r"NaN or infinite"),
+    (_rgba(fill=float("inf")), r"NaN or infinite"),
+    (_rgba(batch=0), r"at least one RGBA image.*\(0, 4, 64, 64\)"),
+    (torch.rand(1, 3, 64, 64), r"\(batch, 4, height, width\).*got shape \(1, 3, 64, 64\)"),
+    (np.zeros((1, 4, 64, 64), dtype=np.float32), r"got ndarray"),
+])
+def test_bad_rgba_gets_one_clear_error(tiny_vae, rgba, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_vae.encode(rgba)
+
+
+def test_encode_accepts_pil_images_and_casts_float64_and_float16(tiny_vae):
+    rgba = (random_rgba(batch=2) * 255).round() / 255  # exactly representable as 8-bit PIL images
+    images = [PIL.Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGBA") for x in rgba]
+    with torch.no_grad():
+        expected = tiny_vae.encode(rgba)
+        torch.testing.assert_close(tiny_vae.encode(images), expected)
+        torch.testing.assert_close(tiny_vae.encode(images[0]), expected[:1])
+        for dtype in (torch.float64, torch.float16):
+            got = tiny_vae.encode(rgba.to(dtype))
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="not RGBA"):
+        tiny_vae.encode(images[0].convert("RGB"))

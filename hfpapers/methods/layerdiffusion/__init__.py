@@ -1,6 +1,6 @@
 """Transparent Image Layer Diffusion using Latent Transparency (LayerDiffuse; Zhang & Agrawala, arXiv 2402.17113)."""
 
-from ...registry import MethodRecord, lazy_exports
+from ...registry import MethodRecord, Preset, lazy_exports
 
 _MODULE = "hfpapers.methods.layerdiffusion"
 
@@ -30,10 +30,11 @@ RECORD = MethodRecord(
     authors="Lvmin Zhang, Maneesh Agrawala",
     year=2024,
     task="text-to-image",
-    library="diffusers",
+    kind="diffusers",
     config_class=None,
     model_classes={"TransparentVAE": f"{_MODULE}.modeling_layerdiffusion.TransparentVAE"},
-    presets={"tiny": _TINY, "sd15": {"vae": _SD15_VAE, **_RELEASED}, "sdxl": {"vae": _SDXL_VAE, **_RELEASED}},
+    presets={"tiny": Preset(_TINY), "sd15": Preset({"vae": _SD15_VAE, **_RELEASED}),
+             "sdxl": Preset({"vae": _SDXL_VAE, **_RELEASED})},
     default_preset="tiny",
     paper_presets=("sdxl", "sd15"),
     dataset="rgba_layers",
@@ -60,5 +61,18 @@ RECORD = MethodRecord(
 )
 
 # Exports load lazily: the record above must stay importable without torch.
-__getattr__ = lazy_exports(__name__, ("modeling_layerdiffusion", "pipeline_layerdiffusion", "convert_layerdiffusion",
-                                      "attention_sharing"))
+__getattr__ = lazy_exports(__name__, {
+    "modeling_layerdiffusion": ("LatentTransparencyEncoder", "LatentTransparencyEncoderOutput", "TransparentVAEDecoder",
+                                "TransparentVAEDecoderOutput", "TransparentVAE", "TransparentVAEOutput", "pad_rgb",
+                                "checkerboard_preview", "rgba_to_tensor", "dihedral", "AUGMENTATIONS",),
+    "pipeline_layerdiffusion": ("TransparentPipelineOutput", "TransparentStableDiffusionPipeline",
+                                "TransparentStableDiffusionImg2ImgPipeline", "TransparentStableDiffusionXLPipeline",
+                                "TransparentStableDiffusionXLImg2ImgPipeline",),
+    "convert_layerdiffusion": ("FORMATS", "ldm_to_diffusers_unet_key", "convert_attn_lora", "apply_attn_lora",
+                               "convert_weight_diffs", "merge_weight_diffs", "merge_diffusers_offsets",
+                               "load_transparent_encoder", "load_transparent_decoder", "encoder_source_from_filename",
+                               "detect_format", "load_safetensors", "convert",),
+    "attention_sharing": ("FrameLoRA", "AttentionSharingProcessor", "AdditionalAttentionCondsEncoder",
+                          "AttentionSharingAdapter", "attention_sharing_module_names", "load_attention_sharing",
+                          "diffusers_cond_mark",),
+})
