@@ -111,6 +111,10 @@ class LLMEmbeddingConfig(PreTrainedConfig):
             self.pooler_config = None
         self.lora_target_modules = list(self.lora_target_modules)
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The decoder's config: the text model whose vocabulary and embeddings this model uses."""
+        return self.decoder_config
+
     def validate_llm_embedding(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_llm_embedding import LLMEmbeddingConfig, TrainablePoolerConfig
@@ -29,11 +30,17 @@ class LLMEmbeddingOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): decoder output.
     pooler_inputs (`torch.FloatTensor` of shape `(batch_size, n, hidden_size)`): what the pooling saw (the EOS
         state, every token, or one vector per layer).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the decoder's embedding output and every layer's
+        output, (batch_size, sequence_length, hidden_size) each, with `output_hidden_states=True`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the decoder's attention weights per layer, with
+        `output_attentions=True` (eager attention).
     """
 
     embeddings: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     pooler_inputs: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PoolerCrossAttention(nn.Module):
@@ -43,6 +50,8 @@ class PoolerCrossAttention(nn.Module):
     def __init__(self, config: TrainablePoolerConfig):
         super().__init__()
         inner = config.num_heads * config.head_dim
+        self.config = config
+        self.is_causal = False  # latents attend to every (non-pad) state
         self.num_heads = config.num_heads
         self.norm_states = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.norm_latents = nn.LayerNorm(config.latent_size, eps=config.layer_norm_eps)
@@ -57,8 +66,23 @@ class PoolerCrossAttention(nn.Module):
         q = heads(self.to_q(self.norm_latents(latents)))
         k, v = map(heads, self.to_kv(self.norm_states(states)).chunk(2, dim=-1))
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # keys only: pads are never attended
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        # The decoder's switch (`attn_implementation`) picks this one too: "sdpa" by default, "eager" to read weights.
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa",
+                                                          eager_attention_forward)
+        out, _ = attention(self, q, k, v, attn_mask, dropout=0.0, scaling=q.shape[-1] ** -0.5)
+        return self.to_out(out.flatten(2))
+
+
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention written out: (batch, heads, n, dim) each, a boolean key mask -> the output
+    (batch, n, heads, dim) and the weights (batch, heads, n_query, n_key)."""
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
 class GEGLUFeedForward(nn.Module):
@@ -110,6 +134,16 @@ def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
 
 
+def _init_lora(model: nn.Module) -> None:
+    """peft's LoRA init (A Kaiming-uniform, B = 0: the adapter starts as the identity) for every LoRA layer. The
+    decoder's own `_init_weights` would draw B like any Linear; `init.*` skips weights loaded from a checkpoint."""
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_B", None), nn.ModuleDict):
+            for name in module.lora_B:
+                init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5))
+                init.zeros_(module.lora_B[name].weight)
+
+
 class LLMEmbeddingPreTrainedModel(PreTrainedModel):
     config_class = LLMEmbeddingConfig
     base_model_prefix = "embedder"
@@ -117,11 +151,22 @@ class LLMEmbeddingPreTrainedModel(PreTrainedModel):
     input_modalities = ("text",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # The official code keeps its pooler in float32 under a bf16 decoder, and peft its LoRA weights.
+    _keep_in_fp32_modules_strict = ["pooler", "lora_A", "lora_B"]
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Our inits go through `transformers.initialization` only, so the per-weight "loaded" flags are exact; the
+        # guard transformers keeps for custom code would skip modules without weights of their own.
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # The official pooler keeps PyTorch's default inits, with `randn` latents.
-        if isinstance(module, TrainablePooler):
+        # The official pooler keeps PyTorch's default inits, with `randn` latents. Sub-modules come first, so the
+        # wrapper itself (last) restores peft's LoRA init after the decoder's init has run over the LoRA layers.
+        if isinstance(module, LLMEmbeddingModel):
+            _init_lora(module.decoder)
+        elif isinstance(module, TrainablePooler):
             init.normal_(module.latents, mean=0.0, std=1.0)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
@@ -161,35 +206,88 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             inject_adapter_in_model(
                 LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            target_modules=list(config.lora_target_modules)), self.decoder)
+            # A fresh model keeps peft's init through any later initialize_weights() (loading re-inits).
+            if getattr(self, "_is_hf_initialized", False):
+                for module in self.decoder.modules():
+                    module._is_hf_initialized = True
 
     @classmethod
     def from_decoder(cls, base_model_name_or_path: str, **config_kwargs) -> LLMEmbeddingModel:
         """Wrap a pretrained decoder (Hub id or local folder) in a fresh embedding head and LoRA."""
-        decoder = AutoModel.from_pretrained(base_model_name_or_path)
+        decoder = AutoModel.from_pretrained(base_model_name_or_path, dtype="auto")  # the checkpoint's dtype
         config = LLMEmbeddingConfig(decoder_config=decoder.config.to_dict(),
                                     base_model_name_or_path=str(base_model_name_or_path), **config_kwargs)
         return cls(config, decoder=decoder)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> LLMEmbeddingOutput:
-        if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_length:
-            raise ValueError(f"input_ids must be (batch, sequence) with sequence <= max_length="
-                             f"{self.config.max_length}, got {tuple(input_ids.shape)}; tokenize with "
-                             "truncation=True to cut longer texts")
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> tuple[int, int]:
+        """(batch, sequence) of the inputs, or one clear error for what does not fit."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (batch, sequence) or inputs_embeds "
+                             "(batch, sequence, hidden_size)")
+        if input_ids is not None:
+            if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be integer token ids (batch, sequence), got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            vocab = self.get_input_embeddings().num_embeddings
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+                raise ValueError(f"token ids must lie in [0, {vocab}), got {int(input_ids.min())}.."
+                                 f"{int(input_ids.max())}")
+            shape = tuple(input_ids.shape)
+        else:
+            hidden = self.config.decoder_config.hidden_size
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden or not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be float (batch, sequence, {hidden}), got "
+                                 f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
+            if not torch.isfinite(inputs_embeds).all():
+                raise ValueError("inputs_embeds contain NaN or inf")
+            shape = tuple(inputs_embeds.shape[:2])
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"empty batch: got inputs of shape {shape}; pass at least one text of one token")
+        positions = getattr(self.config.decoder_config, "max_position_embeddings", None) or self.config.max_length
+        if shape[1] > min(self.config.max_length, positions):
+            raise ValueError(f"sequence length {shape[1]} is over max_length={self.config.max_length} (the decoder "
+                             f"has {positions} positions); tokenize with truncation=True to cut longer texts")
+        if attention_mask is not None and tuple(attention_mask.shape) != shape:
+            raise ValueError(f"attention_mask must have the inputs' shape {shape}, got {tuple(attention_mask.shape)}")
+        return shape
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.FloatTensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> LLMEmbeddingOutput | tuple:
+        """`input_ids` (batch, sequence) left-padded, ending in EOS, or `inputs_embeds` (batch, sequence, hidden);
+        `attention_mask` (batch, sequence), 1 for real tokens. `output_hidden_states` / `output_attentions` return
+        the decoder's; `return_dict=False` returns the output's non-None fields as a tuple."""
+        self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if (attention_mask.sum(-1) == 0).any():
             raise ValueError("every row needs at least one real token (attention_mask all zero in some row)")
         if attention_mask.shape[1] > 1 and (attention_mask[:, -1] == 0).any():
             raise ValueError("inputs must be left-padded: the last position of every row is its EOS token")
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        inputs_embeds = self.decoder.get_input_embeddings()(input_ids)
         mask = attention_mask
         if self.config.attention == "bidirectional":
-            mask = create_bidirectional_mask(self.decoder.config, inputs_embeds, attention_mask)
+            # Always a full mask: an unpadded batch would otherwise get none, and the decoder would build its
+            # causal one (eager attention follows the mask alone).
+            mask = create_bidirectional_mask(self.decoder.config, inputs_embeds, attention_mask,
+                                             allow_is_bidirectional_skip=False)
         multi_layer = self.config.pooling == "multi_layer_trainable"
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                           output_hidden_states=multi_layer, use_cache=False, **kwargs)
+                           output_hidden_states=multi_layer or output_hidden_states,
+                           output_attentions=output_attentions, use_cache=False, **kwargs)
         states = out.last_hidden_state
         pool_mask = attention_mask.to(states.dtype)
         causal = self.config.attention == "causal"
@@ -207,8 +305,13 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             embeddings = F.normalize(pooler_inputs[:, 0], p=2, dim=-1)
         else:
             every_token = self.config.pooling == "trainable" and not causal
-            embeddings = self.pooler(pooler_inputs, attention_mask if every_token else None)
-        return LLMEmbeddingOutput(embeddings=embeddings, last_hidden_state=states, pooler_inputs=pooler_inputs)
+            # The pooler may be float32 under a bf16 decoder (`_keep_in_fp32_modules_strict`).
+            embeddings = self.pooler(pooler_inputs.to(self.pooler.latents.dtype),
+                                     attention_mask if every_token else None)
+        output = LLMEmbeddingOutput(embeddings=embeddings, last_hidden_state=states, pooler_inputs=pooler_inputs,
+                                    hidden_states=out.hidden_states if output_hidden_states else None,
+                                    attentions=out.attentions if output_attentions else None)
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def encode(self, texts: list[str], tokenizer, batch_size: int = 64, instruction: str = "",

@@ -39,7 +39,10 @@ class SentenceEmbeddingPipeline(Pipeline):
         return embeddings[0] if return_tensors else embeddings[0].tolist()
 
     def __call__(self, inputs: str | list[str], **kwargs: Any):
-        """One vector (a list of floats, or a tensor with `return_tensors=True`) per text."""
+        """One vector (a list of floats, or a tensor with `return_tensors=True`) per text. A text over the model's
+        `max_length` tokens is an error unless `truncation=True` (then its first max_length - 1 tokens + EOS)."""
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise ValueError("sentence-embedding got an empty list of texts; pass at least one string")
         return super().__call__(inputs, **kwargs)
 
 

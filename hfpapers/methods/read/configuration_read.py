@@ -71,6 +71,10 @@ class READConfig(PreTrainedConfig):
         vision = self.llava_config.vision_config
         return vision.image_size // vision.patch_size
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """LLaVA's language-model config: the vocabulary (with `[SEG]`) and embeddings this model uses."""
+        return self.llava_config.get_text_config(decoder=decoder, encoder=encoder)
+
     def validate_read(self):
         sam_prompt = self.sam_config.prompt_encoder_config.hidden_size
         if self.out_dim != sam_prompt:

@@ -570,6 +570,7 @@ def read_settings(official: Mapping) -> dict:
     if any(str(name).startswith(("LISA", "SESAME")) for name in official.get("architectures") or []):
         return {"use_sasp": False}
     preset = RECORD.presets["read-13b" if official.get("hidden_size") == 5120 else "read-7b"]
+    preset = getattr(preset, "config", preset)  # a registry `Preset` or its plain config mapping
     return {key: preset[key] for key in ("num_points", "down_sample", "t_pos", "t_neg") if key in preset}
 
 

@@ -165,6 +165,22 @@ class READOutput(ModelOutput):
     points: list | None = None
     point_labels: list | None = None
     similarity_maps: list | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _init_adapters(model: nn.Module) -> None:
+    """peft's inits for adapters inside a sub-model, whose own `_init_weights` would redraw them like any Linear:
+    LoRA A Kaiming-uniform and B = 0 (the identity at start), trainable-token rows copied from the embedding.
+    `init.*` skips weights loaded from a checkpoint."""
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_B", None), nn.ModuleDict):
+            for name in module.lora_B:
+                init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5))
+                init.zeros_(module.lora_B[name].weight)
+        if isinstance(getattr(module, "trainable_tokens_delta", None), nn.ParameterDict):
+            for name, delta in module.trainable_tokens_delta.items():
+                init.copy_(delta, module.base_layer.weight[module.token_indices[name]])
 
 
 class READPreTrainedModel(PreTrainedModel):
@@ -172,11 +188,22 @@ class READPreTrainedModel(PreTrainedModel):
     base_model_prefix = "read"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
+    _supports_sdpa = True  # LLaVA (CLIP + the LM) and SAM take the implementation through their sub-configs
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Our inits go through `transformers.initialization` only, so the per-weight "loaded" flags are exact; the
+        # guard transformers keeps for custom code skips modules without weights of their own (SegProjection,
+        # CLIP's attention), leaving them uninitialised or at the generic N(0, 0.02).
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module):
         # LLaVA and SAM initialise themselves; the projection keeps PyTorch's Linear init (as the official code).
-        if isinstance(module, SegProjection):
+        # Sub-modules come first, so the model itself (last) restores peft's adapter inits.
+        if isinstance(module, READForReasoningSegmentation):
+            _init_adapters(module.llava)
+        elif isinstance(module, SegProjection):
             for linear in (module[0], module[2]):
                 init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
                 bound = 1 / math.sqrt(linear.in_features)
@@ -211,6 +238,10 @@ class READForReasoningSegmentation(READPreTrainedModel):
                 LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            target_modules=list(config.lora_target_modules), trainable_token_indices=trainable),
                 self.llava.model.language_model)
+            # A fresh model keeps peft's init through any later initialize_weights() (loading re-inits).
+            if getattr(self, "_is_hf_initialized", False):
+                for module in self.llava.model.language_model.modules():
+                    module._is_hf_initialized = True
 
     @classmethod
     def from_base_models(cls, base_llava: str, base_sam: str, **config_kwargs) -> READForReasoningSegmentation:
@@ -229,13 +260,31 @@ class READForReasoningSegmentation(READPreTrainedModel):
                             seg_token_index=tokenizer.convert_tokens_to_ids(SEG_TOKEN), **config_kwargs)
         return cls(config, llava=llava, sam=sam)
 
-    def _image_and_seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, row: int):
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llava.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llava.set_input_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """LLaVA's input and output embeddings resized together; existing rows, `[SEG]`'s included, are kept, so the
+        vocabulary cannot shrink below `[SEG]`."""
+        seg = self.config.seg_token_index
+        if new_num_tokens is not None and seg is not None and new_num_tokens <= seg:
+            raise ValueError(f"cannot resize to {new_num_tokens} tokens: that drops the {SEG_TOKEN} row ({seg})")
+        embeddings = self.llava.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.llava_config.text_config.vocab_size = embeddings.num_embeddings
+        return embeddings
+
+    def _image_and_seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, row: int, answer_start: int = 0):
         """The image-token states (grid*grid, hidden) and the `[SEG]` state (hidden,) of one row, or None for the
-        latter when the row has no `[SEG]`. The `[SEG]` state is the one whose next-token prediction is `[SEG]`
-        (LISA's `input_ids[:, 1:] == seg` mask), the first one when there are several."""
+        latter when the row has no `[SEG]` at or after `answer_start`. The `[SEG]` state is the one whose next-token
+        prediction is `[SEG]` (LISA's `input_ids[:, 1:] == seg` mask), the first one when there are several."""
         ids = input_ids[row]
         image = (ids == self.config.llava_config.image_token_index).nonzero().flatten()
         seg = (ids[1:] == self.config.seg_token_index).nonzero().flatten()
+        seg = seg[seg + 1 >= answer_start]
         return hidden[row, image], (hidden[row, seg[0]] if seg.numel() else None)
 
     def decode_mask(self, image_embeddings: torch.Tensor, seg_embedding: torch.Tensor, height: int, width: int,
@@ -263,11 +312,12 @@ class READForReasoningSegmentation(READPreTrainedModel):
         return postprocess_masks(low_res[0], size, height, width)[0, 0]
 
     def segment_from_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_embeddings: torch.Tensor,
-                            original_sizes: torch.Tensor) -> dict[str, list]:
-        """Masks, points and similarity maps from the LM's last-layer states (batch, tokens, hidden)."""
+                            original_sizes: torch.Tensor, answer_start: int = 0) -> dict[str, list]:
+        """Masks, points and similarity maps from the LM's last-layer states (batch, tokens, hidden); only a `[SEG]`
+        at or after token `answer_start` counts."""
         results = {"pred_masks": [], "points": [], "point_labels": [], "similarity_maps": []}
         for row in range(hidden.shape[0]):
-            image_states, seg_state = self._image_and_seg_states(hidden, input_ids, row)
+            image_states, seg_state = self._image_and_seg_states(hidden, input_ids, row, answer_start)
             height, width = (int(v) for v in original_sizes[row])
             if seg_state is None:
                 for values in results.values():
@@ -283,12 +333,25 @@ class READForReasoningSegmentation(READPreTrainedModel):
                 results[name].append(value)
         return results
 
-    def _check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_tokens: int = 0) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError("input_ids must be an integer tensor of token ids (batch, tokens)")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"expected a non-empty batch of input_ids (batch, tokens), got {tuple(input_ids.shape)}")
         size = self.config.llava_config.vision_config.image_size
         expected = (input_ids.shape[0], 3, size, size)
-        if input_ids.ndim != 2 or tuple(pixel_values.shape) != expected:
+        if not torch.is_tensor(pixel_values) or tuple(pixel_values.shape) != expected:
             raise ValueError(f"expected input_ids (batch, tokens) and pixel_values (batch, 3, {size}, {size}) = "
-                             f"{expected}, got {tuple(input_ids.shape)} and {tuple(pixel_values.shape)}")
+                             f"{expected}, got {tuple(input_ids.shape)} and {tuple(getattr(pixel_values, 'shape', ()))}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be the processor's normalised floats, got {pixel_values.dtype} "
+                             "(raw image bytes?); use READProcessor")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or inf")
+        positions = self.config.llava_config.text_config.max_position_embeddings
+        if input_ids.shape[1] + new_tokens > positions:
+            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens (+ {new_tokens} to generate), over the "
+                             f"language model's {positions} positions")
         counts = (input_ids == self.config.llava_config.image_token_index).sum(-1)
         grid = self.config.image_grid
         if bool((counts != grid * grid).any()):
@@ -300,20 +363,37 @@ class READForReasoningSegmentation(READPreTrainedModel):
             return image_embeddings
         if sam_pixel_values is None:
             raise ValueError("pass sam_pixel_values (SAM-preprocessed images) or precomputed image_embeddings")
+        if not sam_pixel_values.is_floating_point() or not torch.isfinite(sam_pixel_values).all():
+            raise ValueError(f"sam_pixel_values must be finite floats from READProcessor, got {sam_pixel_values.dtype}"
+                             " with non-finite values or raw bytes")
+        sam_pixel_values = sam_pixel_values.to(self.sam.dtype)
         with torch.no_grad():  # SAM's image encoder is frozen (official `get_visual_embs`)
             return self.sam.get_image_embeddings(sam_pixel_values)
 
     def forward(self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, original_sizes: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, sam_pixel_values: torch.FloatTensor | None = None,
                 image_embeddings: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
-                masks: list[torch.Tensor] | None = None, **kwargs) -> READOutput:
+                masks: list[torch.Tensor] | None = None, inputs_embeds: torch.FloatTensor | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> READOutput | tuple:
         """`labels`: LM targets (-100 where ignored); `masks`: one ground-truth (H, W) mask per row, whose answer
-        must contain exactly one `[SEG]`."""
+        must contain exactly one `[SEG]`. `inputs_embeds` (batch, tokens, hidden) replace the token embeddings;
+        `input_ids` are still needed, to find the image and `[SEG]` positions. `output_hidden_states` /
+        `output_attentions` return the LM's; `return_dict=False` gives a tuple of the non-None fields."""
         if self.config.seg_token_index is None:
             raise ValueError("config.seg_token_index is unset: add the [SEG] token (see `from_base_models`)")
         self._check_inputs(input_ids, pixel_values)
-        out = self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         labels=labels, output_hidden_states=True, **kwargs)
+        pixel_values = pixel_values.to(self.llava.model.vision_tower.dtype)  # any float dtype from the user
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)} in batch and tokens")
+        tokens = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        out = self.llava(**tokens, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
+                         output_hidden_states=True, output_attentions=output_attentions, **kwargs)
         if masks is not None:
             counts = (input_ids[:, 1:] == self.config.seg_token_index).sum(-1)
             if len(masks) != len(input_ids) or bool((counts != 1).any()):
@@ -321,7 +401,8 @@ class READForReasoningSegmentation(READPreTrainedModel):
                                  f"masks for {len(input_ids)} rows with {counts.tolist()} {SEG_TOKEN} tokens")
         results = self.segment_from_states(out.hidden_states[-1], input_ids,
                                            self._sam_embeddings(sam_pixel_values, image_embeddings), original_sizes)
-        output = READOutput(logits=out.logits, **results)
+        output = READOutput(logits=out.logits, hidden_states=out.hidden_states if output_hidden_states else None,
+                            attentions=out.attentions if output_attentions else None, **results)
         if masks is not None:
             targets = [m.to(p.dtype) for m, p in zip(masks, output.pred_masks)]
             output.mask_bce_loss = self.config.bce_loss_weight * torch.stack(
@@ -332,7 +413,7 @@ class READForReasoningSegmentation(READPreTrainedModel):
         if labels is not None:
             output.ce_loss = self.config.ce_loss_weight * out.loss
             output.loss = output.ce_loss if output.loss is None else output.loss + output.ce_loss
-        return output
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def segment(self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, original_sizes: torch.Tensor,
@@ -342,8 +423,9 @@ class READForReasoningSegmentation(READPreTrainedModel):
         """Answer the (left-padded) prompts greedily, then read the masks off the answers' `[SEG]` states.
 
         Returns `sequences` (batch, tokens) with the prompts, and the lists of `READOutput` (None per row whose
-        answer has no `[SEG]`)."""
-        self._check_inputs(input_ids, pixel_values)
+        answer has no `[SEG]`). Only generated `[SEG]` tokens count: one typed into the prompt is ignored."""
+        self._check_inputs(input_ids, pixel_values, max_new_tokens)
+        pixel_values = pixel_values.to(self.llava.model.vision_tower.dtype)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         sequences = self.llava.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -353,7 +435,8 @@ class READForReasoningSegmentation(READPreTrainedModel):
         out = self.llava(input_ids=sequences, attention_mask=full_mask, pixel_values=pixel_values,
                          position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
         results = self.segment_from_states(out.hidden_states[-1], sequences,
-                                           self._sam_embeddings(sam_pixel_values, image_embeddings), original_sizes)
+                                           self._sam_embeddings(sam_pixel_values, image_embeddings), original_sizes,
+                                           answer_start=input_ids.shape[1])
         return {"sequences": sequences, **results}
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+# Longest / shortest side: wider images lose nearly everything to CLIP's centre crop, and SAM's shorter side vanishes.
+MAX_ASPECT_RATIO = 16
+
 
 class READProcessor(ProcessorMixin):
     """`image_processor`: the vision tower's (CLIP, centre crop); `sam_image_processor`: SAM's (longest side resized,
@@ -19,7 +22,14 @@ class READProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, sam_image_processor, chat_template=chat_template)
 
     def prompt(self, question: str) -> str:
-        """The conversation up to the assistant's turn, one image before the question (the chat template)."""
+        """The conversation up to the assistant's turn, one image before the question (the chat template). A
+        question holding `[SEG]` or the image token is refused: the mask is read off the answer's `[SEG]` only."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be a non-empty string, got {question!r}")
+        for token in ("[SEG]", self.image_token):
+            if token in question:
+                raise ValueError(f"the question contains {token!r}, a token READ reserves (the answer's [SEG] gives "
+                                 "the mask, the image token marks the image); rephrase without it")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -27,6 +37,14 @@ class READProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             images = [image.convert("RGB") for image in (images if isinstance(images, (list, tuple)) else [images])]
+            if not images:
+                raise ValueError("got an empty list of images; READ reads one image per text")
+            for image in images:
+                # SAM resizes the longer side to its input size (the shorter must keep pixels), CLIP the shorter one
+                # to its own (the longer grows with the ratio, and all but the centre square is cropped away).
+                if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+                    raise ValueError(f"image of {image.width}x{image.height} pixels: the aspect ratio must be at "
+                                     f"most {MAX_ASPECT_RATIO}:1 (crop it to the region to segment)")
             data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
             sam = self.sam_image_processor(images, return_tensors=return_tensors)
             data["sam_pixel_values"], data["original_sizes"] = sam["pixel_values"], sam["original_sizes"]
