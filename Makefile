@@ -8,7 +8,8 @@ export OMP_NUM_THREADS ?= 2
 
 .PHONY: install zoo test bench clean
 
-$(BIN)/hfpapers: pyproject.toml
+# setup.py too: it maps model_cards/ into the package, which an editable install records when installed.
+$(BIN)/hfpapers: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
