@@ -20,8 +20,62 @@ from typing import Any, Mapping
 # The Auto class whose head serves each standard pipeline task.
 TASK_AUTO_CLASS = {"image-classification": "AutoModelForImageClassification", "feature-extraction": "AutoModel"}
 
-__all__ = ["MethodRecord", "list_methods", "get_method", "create_model", "register_with_transformers",
-           "register_record"]
+# What a record contributes (DESIGN.md, "Kinds of method") and the library its saved output loads with.
+KIND_LIBRARY = {"model": "transformers", "diffusers": "diffusers", "adapter": "peft", "procedure": "transformers",
+                "analysis": "transformers"}
+# Kinds whose entry point is a `Recipe` trained by the engine (`hfpapers train`); the others run a
+# `hfpapers.runs.Runner` (`hfpapers run`).
+TRAINED_KINDS = ("model", "diffusers", "adapter")
+
+__all__ = ["MethodRecord", "Preset", "ResolvedPreset", "list_methods", "get_method", "create_model", "register_with_transformers",
+           "register_record", "RegistrationError"]
+
+
+class RegistrationError(ImportError):
+    """A method's classes could not be imported or registered; the message names the method."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named size of a method: its config values and the training arguments that go with them.
+
+    `config` holds model-config values (model kinds) or hyper-parameters (procedures, analyses); `training`
+    holds `TrainingArguments` / recipe fields that this preset trains with (e.g. CPU-sized epochs for "tiny").
+    """
+
+    config: Mapping[str, Any]
+    training: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+@dataclass(frozen=True)
+class ResolvedPreset:
+    """A preset resolved once, with the user's config overrides: what the engine hands a recipe's `build_model`.
+
+    `values` are the config values (preset, then overrides); `new_config` / `new_model` build from them, with
+    values the recipe derives (e.g. the labels of its dataset) under the user's overrides.
+    """
+
+    name: str
+    values: Mapping[str, Any]
+    overrides: Mapping[str, Any]
+    training: Mapping[str, Any]
+    config_class: type | None  # None for diffusers models, which carry their own configs
+    model_class: type
+    processor_factory: Any = None  # config -> image processor / tokenizer / processor, or None
+
+    def merged(self, **derived: Any) -> dict[str, Any]:
+        return {**self.values, **derived, **self.overrides}
+
+    def new_config(self, **derived: Any):
+        return self.config_class(**self.merged(**derived))
+
+    def new_model(self, **derived: Any):
+        if self.config_class is None:  # diffusers: the model builds its components from their configs
+            return self.model_class.from_configs(**self.merged(**derived))
+        return self.model_class(self.new_config(**derived))
+
+    def new_processor(self, config):
+        return None if self.processor_factory is None else self.processor_factory(config)
 
 
 @dataclass(frozen=True)
@@ -33,32 +87,64 @@ class MethodRecord:
     arxiv_id: str
     authors: str
     year: int
-    task: str  # a transformers pipeline task, e.g. "image-classification"
-    config_class: str | None  # transformers methods: the config class (diffusers models carry their own config)
+    task: str  # a transformers pipeline task, e.g. "image-classification" (for procedures: what the result serves)
+    # model kinds: the transformers config class (diffusers models carry their own config); procedures and
+    # analyses: the dataclass of their hyper-parameters
+    config_class: str | None
     # transformers: Auto class name -> dotted path of the model class; diffusers: class name -> dotted path of a
     # model that builds itself with `from_configs(**preset values)` and loads with `from_pretrained`
     model_classes: Mapping[str, str]
-    presets: Mapping[str, Mapping[str, Any]]  # preset name -> config values
-    default_preset: str  # trained by `hfpapers zoo build`
-    paper_presets: tuple[str, ...]  # the sizes the paper reports
-    dataset: str  # embedded dataset that the default preset trains on (hfpapers.data)
+    presets: Mapping[str, Preset]
+    default_preset: str  # built by `hfpapers zoo build`
+    paper_presets: tuple[str, ...]  # the sizes / settings the paper reports
+    dataset: str  # embedded dataset that the default preset trains or runs on (hfpapers.data)
     dataset_kwargs: Mapping[str, Any]
-    recipe: str  # dotted path of the method's Recipe class
     official_code: str
     license: str  # license of the method's code
     weights_license: str  # license of the official weights
     bibtex: str
     time_budget_s: int  # wall-clock budget of the default preset in `hfpapers zoo build`
+    kind: str = "model"  # model | diffusers | adapter | procedure | analysis (see KIND_LIBRARY)
+    recipe: str | None = None  # trained kinds: dotted path of the method's Recipe class
+    runner: str | None = None  # procedures and analyses: dotted path of the method's `hfpapers.runs.Runner`
+    base_method: str | None = None  # procedures and analyses: whose zoo model `hfpapers zoo build` runs them on
+    extra_arxiv_ids: tuple[str, ...] = ()  # further papers of the same method (e.g. a journal extension)
     processor: str | None = None  # dotted path of a function config -> image processor or tokenizer
     processor_class: str | None = None  # dotted path of the method's own ProcessorMixin, registered with AutoProcessor
     pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
+    converter: str | None = None  # dotted path of the module whose `main(argv)` converts official checkpoints
     status: str = "complete"
-    library: str = "transformers"  # or "diffusers": no Auto classes to register; components load by module path
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in KIND_LIBRARY:
+            problems.append(f"kind {self.kind!r} is not one of {', '.join(KIND_LIBRARY)}")
+        if self.kind in TRAINED_KINDS and not self.recipe:
+            problems.append(f"a {self.kind!r} record needs a recipe")
+        if self.kind not in TRAINED_KINDS and not self.runner:
+            problems.append(f"a {self.kind!r} record needs a runner")
+        bad = [name for name, p in self.presets.items() if not isinstance(p, Preset)]
+        if bad:
+            problems.append(f"presets {bad} are not Preset objects")
+        missing = [name for name in (self.default_preset, *self.paper_presets) if name not in self.presets]
+        if missing:
+            problems.append(f"presets {missing} are named but not defined")
+        if problems:
+            raise ValueError(f"method record {self.slug!r}: " + "; ".join(problems))
 
     @property
     def model_type(self) -> str:
         return f"hfp-{self.slug}"
+
+    @property
+    def library(self) -> str:
+        """The library that loads what this method saves (the card's `library_name`)."""
+        return KIND_LIBRARY[self.kind]
+
+    @property
+    def arxiv_ids(self) -> tuple[str, ...]:
+        return (self.arxiv_id, *self.extra_arxiv_ids)
 
     @property
     def head_auto_class(self) -> str:
@@ -71,23 +157,57 @@ class MethodRecord:
     def arxiv_url(self) -> str:
         return f"https://arxiv.org/abs/{self.arxiv_id}"
 
+    @property
+    def entry_point(self) -> str:
+        """What a user calls to use the method (the `hfpapers list` column)."""
+        if self.kind in ("procedure", "analysis"):
+            return f"hfpapers run {self.slug}"
+        if self.kind == "diffusers":
+            return next(iter(self.model_classes)) + ".from_pretrained"
+        if self.pipeline_class or self.task not in TASK_AUTO_CLASS:
+            return f'pipeline("{self.task}")'
+        return f"{self.head_auto_class}"
+
     def preset(self, name: str) -> dict[str, Any]:
+        """The config values of preset `name`."""
+        return dict(self.get_preset(name).config)
+
+    def resolve(self, name: str | None = None, config_overrides: Mapping[str, Any] | None = None,
+                head: str | None = None) -> ResolvedPreset:
+        """Preset `name` (default: the default preset) with `config_overrides`, and the classes that build it
+        (`head`: the Auto class name, default the one serving the method's task)."""
+        name = name or self.default_preset
+        preset = self.get_preset(name)
+        head = head or self.head_auto_class
+        if head not in self.model_classes:
+            raise KeyError(f"{self.slug!r} has no {head!r}; available: {', '.join(self.model_classes) or 'none'}")
+        overrides = dict(config_overrides or {})
+        return ResolvedPreset(
+            name=name, values={**preset.config, **overrides}, overrides=overrides, training=dict(preset.training),
+            config_class=self.load(self.config_class) if self.kind == "model" else None,
+            model_class=self.load(self.model_classes[head]),
+            processor_factory=self.load(self.processor) if self.processor else None)
+
+    def get_preset(self, name: str) -> Preset:
         if name not in self.presets:
             raise KeyError(f"unknown preset {name!r} for {self.slug!r}; known presets: {', '.join(self.presets)}")
-        return dict(self.presets[name])
+        return self.presets[name]
 
     def load(self, dotted: str) -> Any:
         module, _, name = dotted.rpartition(".")
         return getattr(importlib.import_module(module), name)
 
     def summary(self) -> dict[str, Any]:
-        """The record as a JSON-friendly dict (what `hfpapers info` prints)."""
+        """The record as a JSON-friendly dict (what `hfpapers list --json` prints)."""
         return {
             "slug": self.slug,
+            "kind": self.kind,
             "title": self.title,
             "arxiv_id": self.arxiv_id,
+            "arxiv_ids": list(self.arxiv_ids),
             "task": self.task,
             "library": self.library,
+            "entry_point": self.entry_point,
             "model_type": self.model_type,
             "presets": list(self.presets),
             "default_preset": self.default_preset,
@@ -99,17 +219,18 @@ class MethodRecord:
         }
 
 
-def lazy_exports(package: str, submodules: tuple[str, ...]):
-    """A module `__getattr__` for a method package: its public classes load from `submodules` on first access,
-    so the package (and its record) imports without torch."""
+def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]):
+    """A module `__getattr__` for a method package. `exports` is a static map {submodule: its public names}
+    (each submodule's `__all__`; a contract test keeps them equal): a name's submodule is imported on first
+    access, and only that one, so the package (and its record) imports without torch."""
+    owner = {name: submodule for submodule, names in exports.items() for name in names}
 
     def __getattr__(name):
-        for submodule in submodules:
-            module = importlib.import_module(f"{package}.{submodule}")
-            if name in module.__all__:
-                return getattr(module, name)
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if name not in owner:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{owner[name]}"), name)
 
+    __getattr__.exports = MappingProxyType(dict(exports))
     return __getattr__
 
 
@@ -119,9 +240,17 @@ def _discover() -> dict[str, MethodRecord]:
 
     records = {}
     for info in pkgutil.iter_modules(methods.__path__):
-        record = getattr(importlib.import_module(f"{methods.__name__}.{info.name}"), "RECORD", None)
-        if isinstance(record, MethodRecord):
-            records[record.slug] = record
+        try:
+            package = importlib.import_module(f"{methods.__name__}.{info.name}")
+        except Exception as error:
+            raise RegistrationError(f"method package {info.name!r} failed to import: "
+                                    f"{type(error).__name__}: {error}") from error
+        record = getattr(package, "RECORD", None)
+        if not isinstance(record, MethodRecord):
+            raise RegistrationError(f"method package {info.name!r} defines no RECORD (every paper has one record)")
+        if record.slug in records:
+            raise RegistrationError(f"two method packages use the slug {record.slug!r}")
+        records[record.slug] = record
     return dict(sorted(records.items()))
 
 
@@ -162,19 +291,12 @@ def create_model(slug: str, preset: str | None = None, *, head: str | None = Non
     """
     record = get_method(slug)
     register_with_transformers()
-    values = record.preset(preset or record.default_preset)
-    values.update(overrides)
-    head = head or record.head_auto_class
-    if head not in record.model_classes:
-        raise KeyError(f"{slug!r} has no {head!r}; available: {', '.join(record.model_classes)}")
-    if record.library == "diffusers":
-        return record.load(record.model_classes[head]).from_configs(**values)
-    return record.load(record.model_classes[head])(record.load(record.config_class)(**values))
+    return record.resolve(preset, overrides, head).new_model()
 
 
 def load_pretrained(record: MethodRecord, folder: str):
     """A saved model of `record` from a folder or Hub repo, through the class that serves its task."""
-    if record.library == "diffusers":
+    if record.kind == "diffusers":
         return record.load(record.model_classes[record.head_auto_class]).from_pretrained(folder)
     register_with_transformers()
     import transformers
@@ -190,7 +312,7 @@ def create_processor(slug: str, config):
     return record.load(record.processor)(config)
 
 
-_registered = False
+_registered: set[str] = set()  # slugs registered so far
 _lock = threading.RLock()
 
 
@@ -198,22 +320,33 @@ def register_with_transformers() -> None:
     """Register every record's classes with the transformers Auto classes (idempotent).
 
     Also marks them for `auto_map`, so `save_pretrained` writes the modeling files next to the weights
-    and the checkpoint loads with `trust_remote_code=True` where hfpapers is not installed.
+    and the checkpoint loads with `trust_remote_code=True` where hfpapers is not installed. A method whose
+    classes fail to import does not keep the others from registering; the error names it afterwards (and
+    the next call tries it again).
     """
-    global _registered
     with _lock:
-        if _registered:
-            return
-        _registered = True
+        failures = []
         for record in list_methods():
-            register_record(record)
+            if record.slug in _registered:
+                continue
+            try:
+                register_record(record)
+            except Exception as error:  # any import error of a method's module
+                failures.append((record.slug, error))
+            else:
+                _registered.add(record.slug)
+        if failures:
+            raise RegistrationError("; ".join(f"method {slug!r} could not be registered "
+                                              f"({type(error).__name__}: {error})" for slug, error in failures)
+                                    ) from failures[0][1]
 
 
 def register_record(record: MethodRecord) -> None:
     """Register one record's config, model classes and custom pipeline with transformers (idempotent).
 
-    diffusers has no registry: its pipelines load our components by the module path in `model_index.json`."""
-    if record.library != "transformers":
+    Only model kinds have classes to register: diffusers has no registry (its pipelines load our components by
+    the module path in `model_index.json`), and procedures and analyses work on other methods' models."""
+    if record.kind != "model":
         return
     import transformers
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from conftest import read_json, run_cli
+from conftest import read_json, run_cli, small_dataset_args
 
-COMMANDS = [["list"], ["info"], ["train"], ["eval"], ["card"], ["push"], ["pull"], ["hub", "serve"], ["zoo", "build"]]
+COMMANDS = [["list"], ["info"], ["train"], ["run"], ["eval"], ["card"], ["push"], ["pull"], ["hub", "serve"], ["zoo", "build"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
@@ -19,16 +19,26 @@ def test_list_and_info():
     assert "scaling-mlp" in run_cli("list").stdout
     records = json.loads(run_cli("list", "--json").stdout)
     assert [(r["slug"], r["arxiv_id"]) for r in records] == [("efficientvim", "2411.15241"),
+                                                             ("gs-lora", "2403.11530"),
                                                              ("layerdiffusion", "2402.17113"),
                                                              ("llm-embedding", "2409.02727"),
                                                              ("read", "2412.17741"),
                                                              ("scaling-mlp", "2306.13575")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
-    assert info["presets"]["B_12-Wi_1024"]["hidden_size"] == 1024
+    assert info["presets"]["B_12-Wi_1024"]["config"]["hidden_size"] == 1024
+
+
+def test_list_fits_a_100_column_terminal_and_names_kind_paper_and_entry_point():
+    lines = run_cli("list").stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    text = "\n".join(lines)
+    for record in json.loads(run_cli("list", "--json").stdout):
+        assert record["title"] in text and record["entry_point"] in text
+    assert any(line.split()[:3] == ["gs-lora", "procedure", "2403.11530"] and "2501.09705" in line for line in lines)
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, layerdiffusion, llm-embedding, read, scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, read, scaling-mlp"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
     (["eval", "/nonexistent"], "has neither config.json nor hfpapers_run.json"),
@@ -46,3 +56,33 @@ def test_eval_recomputes_the_training_run_metrics(trained_folder):
     trained = read_json(trained_folder / "train_results.json")["eval"]
     assert metrics["accuracy"] == pytest.approx(trained["accuracy"])
     assert read_json(trained_folder / "eval_results.json")["dataset"] == "shapes"
+
+
+def test_run_applies_a_procedure_to_a_trained_folder_and_writes_its_run_folder(trained_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "forgot"
+    proc = run_cli("run", "gs-lora", "--model", trained_folder, "--output-dir", out, "--tasks", "circle",
+                   "--set", "num_epochs=1", "--set", "few_shot=8", "--set", "batch_size=8", *small_dataset_args())
+    printed = json.loads(proc.stdout.splitlines()[-1])
+    results = read_json(out / "results.json")
+    assert printed["metrics"] == results["metrics"] and set(results["metrics"]) == {"acc_f", "acc_r", "h_mean"}
+    assert [t["forget_classes"] for t in results["details"]["tasks"]] == [["circle"]]
+    assert results["config"]["num_epochs"] == 1 and results["config"]["alpha"] == 0.1  # --set over the tiny preset
+    run = read_json(out / "hfpapers_run.json")
+    assert (run["method"], run["preset"], run["model"]) == ("gs-lora", "tiny", str(trained_folder))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and "procedure" in card.data.tags
+    assert "**Classes removed:** circle" in card.text
+    run_cli("card", out, "--repo-id", "someone/forgot")
+    assert 'PeftModel.from_pretrained(original_model, "someone/forgot"' in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "scaling-mlp", "--model", "m", "--output-dir", "x"], "is a model method: train it with `hfpapers train"),
+    (["run", "gs-lora", "--model", "m", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
+])
+def test_run_errors_are_one_line(args, message):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr

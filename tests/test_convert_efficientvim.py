@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification
 
 import hfpapers  # noqa: F401  (registers the Auto classes)
+from hfpapers.checkpoints import load_state_dict_checked
 from hfpapers.methods.efficientvim.configuration_efficientvim import EfficientViMConfig
 from hfpapers.methods.efficientvim.convert_efficientvim import (
     config_from_state_dict,
@@ -124,8 +125,7 @@ def small_config(**overrides):
 
 def loaded_model(state_dict, config):
     model = EfficientViMForImageClassification(config)
-    model.load_state_dict(convert_state_dict(state_dict, config), strict=True)
-    return model.eval()
+    return load_state_dict_checked(model, convert_state_dict(state_dict, config), "the checkpoint").eval()
 
 
 def logits(model, seed=0):
@@ -216,9 +216,9 @@ def test_unknown_envelope_names_its_keys():
 # (c) errors
 
 
-def _conversion_error(official, config=None, **kwargs) -> str:
+def _conversion_error(official, config=None) -> str:
     with pytest.raises(ValueError) as error:
-        convert_state_dict(official, config or small_config(), **kwargs)
+        loaded_model(official, config or small_config())
     return str(error.value)
 
 
@@ -228,9 +228,9 @@ def test_missing_unexpected_and_mismatched_keys_are_listed():
     official["stages.0.blocks.0.mixer.extra"] = torch.zeros(3)
     official["heads.2.bias"] = torch.zeros(6)
     message = _conversion_error(official)
-    assert "missing keys: stages.1.blocks.1.mixer.hz_proj.conv.weight" in message
-    assert "unexpected keys: stages.0.blocks.0.mixer.extra" in message
-    assert "heads.2.bias expected (5,) got (6,)" in message
+    assert "missing keys (1): efficientvim.stages.1.blocks.1.mixer.hz_proj.conv.weight" in message
+    assert "unexpected keys (1): stages.0.blocks.0.mixer.extra" in message
+    assert "shape mismatches (1): heads.2.bias checkpoint (6,) vs model (5,)" in message
 
 
 def test_other_variant_is_named():
@@ -307,7 +307,7 @@ def test_cli_converts_and_reports_errors_on_one_line(tmp_path, capsys):
     torch.save({"model": distilled}, path)
     assert main([str(path), str(tmp_path / "plain"), "--variant", "tiny"]) == 1
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and error.count("\n") == 1 and "distillation" in error
+    assert error.startswith("hfpapers convert: error: ") and error.count("\n") == 1 and "distillation" in error
     assert main([str(path), str(tmp_path / "plain"), "--image-size", "64", "--drop-distillation-head"]) == 0
     assert "LABEL_" in capsys.readouterr().out
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "plain")

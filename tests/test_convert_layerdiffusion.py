@@ -11,8 +11,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
 
 from hfpapers.methods.layerdiffusion.convert_layerdiffusion import (
-    apply_attn_lora, convert, convert_attn_lora, detect_format, ldm_to_diffusers_unet_key, load_transparent_decoder,
-    load_transparent_encoder, main, merge_diffusers_offsets, merge_weight_diffs)
+    apply_attn_lora, convert_attn_lora, convert_weights, detect_format, ldm_to_diffusers_unet_key,
+    load_transparent_decoder, load_transparent_encoder, main, merge_diffusers_offsets, merge_weight_diffs)
 from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import LatentTransparencyEncoder, TransparentVAEDecoder
 
 # SDXL's layout in small: three levels, no attention in the first, two resnets per down block, text_time embedding.
@@ -203,7 +203,7 @@ def test_attn_lora_matches_hand_merged_weights(sdxl_unet, tmp_path):
         torch.testing.assert_close(adapted(**sdxl_inputs()).sample, expected, atol=1e-5, rtol=1e-5)
 
         # the converted file loads with diffusers' own LoRA loader
-        assert convert(fake, tmp_path, unet_config=sdxl_unet.config) == "forge_attn_lora"
+        assert convert_weights(fake, tmp_path, unet_config=sdxl_unet.config) == "forge_attn_lora"
         loaded = copy.deepcopy(sdxl_unet)
         loaded.load_lora_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"), prefix="unet")
         torch.testing.assert_close(loaded(**sdxl_inputs()).sample, expected, atol=1e-5, rtol=1e-5)
@@ -294,7 +294,7 @@ def test_converted_forge_diff_merges_like_the_original(sdxl_unet, tmp_path):
     forge = as_forge_diff(fake_diffs(sdxl_unet, conv_in_channels=12))
     path = tmp_path / "layer_xl_fgble2bg.safetensors"
     save_file(forge, path)
-    assert convert(path, tmp_path / "out", unet_config=sdxl_unet.config) == "forge_weight_diff"
+    assert convert_weights(path, tmp_path / "out", unet_config=sdxl_unet.config) == "forge_weight_diff"
     direct, via_file = copy.deepcopy(sdxl_unet), copy.deepcopy(sdxl_unet)
     merge_weight_diffs(direct, forge)
     merge_diffusers_offsets(via_file, load_file(tmp_path / "out" / "unet_offsets.safetensors"))
@@ -335,9 +335,10 @@ def test_decoder_round_trip_and_key_errors():
 
     broken = {k: v for k, v in weights.items() if k != "latent_conv_in.bias"}
     broken["up_blocks.9.resnets.0.conv1.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys: latent_conv_in\.bias.*unexpected keys: up_blocks\.9"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): latent_conv_in\.bias.*unexpected keys \(1\): "
+                                         r"up_blocks\.9"):
         load_transparent_decoder(broken, **SMALL_DECODER)
-    with pytest.raises(ValueError, match=r"shape mismatches: conv_in\.weight"):
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\): conv_in\.weight"):
         load_transparent_decoder({**weights, "conv_in.weight": torch.zeros(8, 4, 3, 3)}, **SMALL_DECODER)
 
 
@@ -345,7 +346,8 @@ def test_encoder_key_errors():
     weights = random_state(LatentTransparencyEncoder(**SMALL_ENCODER))
     del weights["blocks.14.bias"]
     weights["blocks.18.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.14\.bias; unexpected keys: blocks\.18\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys \(1\): blocks\.14\.bias; unexpected keys \(1\): blocks\.18\.weight"):
         load_transparent_encoder(weights, "forge", **SMALL_ENCODER)
     with pytest.raises(ValueError, match="source must be one of"):
         load_transparent_encoder(weights, "comfy", **SMALL_ENCODER)
@@ -372,7 +374,7 @@ def test_cli_converts_the_cli_encoder_with_scale_300(tmp_path):
     weights = random_state(LatentTransparencyEncoder())
     path = tmp_path / "ld_diffusers_sdxl_vae_transparent_encoder.safetensors"
     save_file(weights, path)
-    assert main(["--weights", str(path), "--output", str(tmp_path / "out"), "--kind", "transparent_encoder"]) == 0
+    assert main([str(path), str(tmp_path / "out"), "--kind", "transparent_encoder"]) == 0
     encoder = LatentTransparencyEncoder.from_pretrained(tmp_path / "out")
     assert encoder.config.offset_scale == 300.0
     assert all(torch.equal(encoder.state_dict()[k], weights[k]) for k in weights)
@@ -380,22 +382,22 @@ def test_cli_converts_the_cli_encoder_with_scale_300(tmp_path):
     renamed = tmp_path / "my_encoder.safetensors"
     save_file(weights, renamed)
     with pytest.raises(ValueError, match="source="):
-        convert(renamed, tmp_path / "other")
-    assert convert(renamed, tmp_path / "other", source="forge") == "transparent_encoder"
+        convert_weights(renamed, tmp_path / "other")
+    assert convert_weights(renamed, tmp_path / "other", source="forge") == "transparent_encoder"
     assert LatentTransparencyEncoder.from_pretrained(tmp_path / "other").config.offset_scale == 1.0
 
 
 def test_cli_refusals(tmp_path, capsys):
     path = tmp_path / "layer_sd15_transparent_attn.safetensors"
     save_file({"hookers.layers.0.to_q_lora.0.down.weight": torch.zeros(2, 2)}, path)
-    assert main(["--weights", str(path), "--output", str(tmp_path / "out")]) == 1
+    assert main([str(path), str(tmp_path / "out")]) == 1
     assert "load_attention_sharing" in capsys.readouterr().err
     pickle_path = tmp_path / "weights.pt"
     torch.save({"blocks.0.weight": torch.zeros(1)}, pickle_path)
-    assert main(["--weights", str(pickle_path), "--output", str(tmp_path / "out")]) == 1
+    assert main([str(pickle_path), str(tmp_path / "out")]) == 1
     assert "only .safetensors" in capsys.readouterr().err
     encoder = tmp_path / "vae_transparent_encoder.safetensors"
     save_file(random_state(LatentTransparencyEncoder()), encoder)
-    args = ["--weights", str(encoder), "--output", str(tmp_path / "out"), "--kind", "transparent_decoder"]
+    args = [str(encoder), str(tmp_path / "out"), "--kind", "transparent_decoder"]
     assert main(args) == 1
     assert "not transparent_decoder" in capsys.readouterr().err

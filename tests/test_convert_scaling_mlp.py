@@ -20,6 +20,7 @@ from hfpapers.methods.scaling_mlp.convert_scaling_mlp import (
     convert_state_dict,
     main,
 )
+from hfpapers.checkpoints import load_state_dict_checked
 from hfpapers.methods.scaling_mlp.modeling_scaling_mlp import ScalingMLPForImageClassification
 
 NUM_BLOCKS, WIDTH, EXPANSION, RESOLUTION, NUM_CLASSES = 2, 16, 4, 8, 10
@@ -82,12 +83,11 @@ def images():
 
 def converted_model(state_dict, config):
     model = ScalingMLPForImageClassification(config).eval()
-    model.load_state_dict(convert_state_dict(state_dict, config), strict=True)
-    return model
+    return load_state_dict_checked(model, convert_state_dict(state_dict), "the checkpoint")
 
 
 def test_mapping_covers_every_key_and_loads_strict(official, config):
-    converted = convert_state_dict(official, config)
+    converted = convert_state_dict(official)
     model = ScalingMLPForImageClassification(config)
     assert set(converted) == set(model.state_dict())
     assert len(converted) == len(official)
@@ -129,16 +129,16 @@ def _without(state_dict, key):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda sd: _without(sd, "blocks.1.block.2.bias"), r"missing keys: blocks\.1\.block\.2\.bias"),
-        (lambda sd: {**sd, "head.weight": torch.zeros(3)}, r"unexpected keys: head\.weight"),
+        (lambda sd: _without(sd, "blocks.1.block.2.bias"), r"missing keys \(1\): mlp\.blocks\.1\.block\.2\.bias"),
+        (lambda sd: {**sd, "head.weight": torch.zeros(3)}, r"unexpected keys \(1\): mlp\.head\.weight"),
         (lambda sd: {**sd, "linear_out.weight": torch.zeros(11, WIDTH)},
-         r"linear_out\.weight expected \(10, 16\) got \(11, 16\)"),
+         r"linear_out\.weight checkpoint \(11, 16\) vs model \(10, 16\)"),
     ],
     ids=["missing", "unexpected", "wrong-shape"],
 )
 def test_mismatching_state_dict_is_refused(official, config, edit, message):
     with pytest.raises(ValueError, match=message):
-        convert_state_dict(edit(official), config)
+        converted_model(edit(official), config)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
@@ -174,5 +174,6 @@ def test_pickle_with_code_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"linear_in.weight": NotATensor()}, tmp_path / "evil.pt")
     assert main([str(tmp_path / "evil.pt"), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and "weights-only loading refused the global" in error and error.count("\n") == 1
+    assert error.startswith("hfpapers convert: error: ") and error.count("\n") == 1
+    assert "weights-only loading refused the global" in error
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.tracking import GeneralTracker
+from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 
 from conftest import REPO, read_json, run_cli, small_dataset_args
+from hfpapers.engine import Callback, Recipe, TensorDataset, TrainingArguments, fit
 
 # Small enough for seconds, long enough (many steps, a checkpoint after each) to be killed half-way.
 # The EMA of the weights is part of the state that must come back.
@@ -142,3 +147,308 @@ def test_bad_training_arguments_are_rejected():
         TrainingArguments(output_dir="x", gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         TrainingArguments(output_dir="x", mixed_precision="fp8")
+
+
+# ------------------------------------------------------------------ the engine's API, on a tiny regression
+# A two-layer regressor on random data trains in milliseconds per epoch, so each test below runs the real loop.
+
+class Regressor(torch.nn.Module, PyTorchModelHubMixin):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+class RegressionRecipe(Recipe):
+    metric = "mse"
+
+    def __init__(self, nan_at_step=None):
+        self.nan_at_step, self.seen = nan_at_step, []
+
+    def prepare_dataset(self, dataset, processor):
+        return dataset
+
+    def compute_loss(self, model, batch, step_rng, state):
+        self.seen.append((state.epoch, state.num_epochs, state.global_step, state.ema_model is not None))
+        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        return loss * float("nan") if state.global_step == self.nan_at_step else loss
+
+    def eval_outputs(self, model, batch):
+        return {"error": (model(batch["x"]) - batch["y"]).pow(2).mean(-1)}
+
+    def compute_metrics(self, outputs):
+        return {"mse": outputs["error"].mean().item()}
+
+
+def regression_data(num_train=64):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(num_train + 16, 4, generator=g), torch.randn(4, 2, generator=g)
+    sets = TensorDataset(x=x[:num_train], y=x[:num_train] @ w), TensorDataset(x=x[num_train:], y=x[num_train:] @ w)
+    return dict(zip(("train", "test"), sets))
+
+
+def fit_regression(out, recipe=None, callbacks=None, **settings):
+    torch.manual_seed(0)
+    model = Regressor()
+    args = TrainingArguments(output_dir=str(out), **{"num_epochs": 2, "per_device_train_batch_size": 8,
+                                                     "learning_rate": 0.01, "progress_bar": False, **settings})
+    return model, fit(model, regression_data(), recipe or RegressionRecipe(), args, callbacks=callbacks)
+
+
+class Recorder(Callback):
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def on_train_begin(self, state, model, accelerator):
+        self.calls.append((self.name, "begin", state.epoch, state.global_step))
+
+    def on_step_end(self, state, model, batch, accelerator):
+        self.calls.append((self.name, "step", state.epoch, state.global_step, len(batch["x"])))
+
+    def on_evaluate(self, state, model, metrics, accelerator):
+        metrics[f"{self.name}_seen"] = float(state.global_step)  # a callback's own metric, logged with the eval
+
+    def on_epoch_end(self, state, model, accelerator):
+        self.calls.append((self.name, "epoch", state.epoch, state.global_step))
+
+    def on_train_end(self, state, model, accelerator):
+        self.calls.append((self.name, "end", state.epoch, state.global_step))
+
+
+def test_callbacks_see_every_epoch_and_step_and_the_recipe_sees_the_state(tmp_path):
+    calls = []
+
+    class RecipeWithCallback(RegressionRecipe):
+        def callbacks(self):
+            return [Recorder("recipe", calls)]
+
+    recipe = RecipeWithCallback()
+    # 64 examples in batches of 8, two accumulated per step: 4 optimiser steps per epoch, 3 epochs.
+    fit_regression(tmp_path, recipe, callbacks=[Recorder("user", calls)], num_epochs=3,
+                   gradient_accumulation_steps=2, ema_decay=0.5)
+    user = [c[1:] for c in calls if c[0] == "user"]
+    assert [c for c in user if c[0] == "epoch"] == [("epoch", 1, 4), ("epoch", 2, 8), ("epoch", 3, 12)]
+    assert [c for c in user if c[0] == "step"] == [("step", (s - 1) // 4, s, 8) for s in range(1, 13)]
+    assert user[0] == ("begin", 0, 0) and user[-1] == ("end", 3, 12)
+    assert [c[0] for c in calls[:2]] == ["user", "recipe"]  # the caller's callbacks first, then the recipe's
+    assert len(calls) == 2 * len(user)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_mse" in line]
+    assert [(r["eval_user_seen"], r["eval_recipe_seen"]) for r in evals] == [(4.0, 4.0), (8.0, 8.0), (12.0, 12.0)]
+    # the loss saw the epoch being trained (two micro-batches per step), the run's length and the EMA model
+    assert recipe.seen == [(e, 3, e * 4 + m // 2, True) for e in range(3) for m in range(8)]
+
+
+def test_a_callback_can_change_the_gradients_before_the_optimizer_step(tmp_path):
+    class FreezeFirst(Callback):
+        def on_before_optimizer_step(self, state, model, accelerator):
+            model.first.weight.grad.zero_()
+
+    torch.manual_seed(0)
+    initial = Regressor().state_dict()
+    model, _ = fit_regression(tmp_path, callbacks=[FreezeFirst()], max_grad_norm=0.5)
+    # AdamW without weight decay moves nothing whose gradient was always zero.
+    assert torch.equal(model.first.weight, initial["first.weight"])
+    assert not torch.equal(model.first.bias, initial["first.bias"])
+    assert not torch.equal(model.second.weight, initial["second.weight"])
+
+
+class Payload:
+    """Unpickling it creates `marker`: the proof that a file was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_never_unpickles_anything_from_the_checkpoint(tmp_path):
+    import pickle
+
+    first = tmp_path / "first"
+    fit_regression(first, num_epochs=1, ema_decay=0.5)
+    checkpoint = first / "checkpoints" / "step-00000008"
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files == ["ema.safetensors", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                     "rng_state_0.json", "rng_state_0.safetensors", "scheduler.json", "scheduler.safetensors",
+                     "trainer_state.json"]
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(Payload(marker))
+    for name in files:
+        run = tmp_path / f"planted-{name}"
+        shutil.copytree(first, run)
+        (run / "checkpoints" / "step-00000008" / name).write_bytes(payload)
+        with pytest.raises((ValueError, FileNotFoundError), match=name.replace(".", r"\.")):
+            fit_regression(run, num_epochs=1, ema_decay=0.5, resume_from="latest")
+        assert not marker.exists(), name
+    # Pickle files that accelerate's save_state would have written are never opened.
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        (checkpoint / name).write_bytes(payload)
+    fit_regression(first, num_epochs=1, ema_decay=0.5, resume_from="latest")
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: unpickling it is what would have created the marker
+    assert marker.exists()
+
+
+def test_resume_is_exact_for_optimizer_scheduler_ema_and_rng(tmp_path):
+    fit_regression(tmp_path / "straight", num_epochs=3, ema_decay=0.5, lr_scheduler="cosine")
+    fit_regression(tmp_path / "resumed", num_epochs=3, ema_decay=0.5, lr_scheduler="cosine", checkpoint_every_steps=5,
+                   keep_checkpoints=10)
+    # Back to the checkpoint at step 10, in the middle of the second epoch (8 steps per epoch), as after a kill.
+    for later in ("step-00000015", "step-00000016", "step-00000020", "step-00000024"):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / later)
+    (tmp_path / "resumed" / "model.safetensors").unlink()
+    fit_regression(tmp_path / "resumed", num_epochs=3, ema_decay=0.5, lr_scheduler="cosine", resume_from="latest")
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    got = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_used_output_folder_is_refused_unless_overwritten(tmp_path):
+    fit_regression(tmp_path, num_epochs=3)  # checkpoints at steps 16 and 24 remain
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        fit_regression(tmp_path, num_epochs=1)
+    fit_regression(tmp_path, num_epochs=1, overwrite_output_dir=True)
+    # Only the new run's checkpoint is left: the old run's later steps would have made rotation delete it.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000008"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1 + 1  # 1 loss line (step 8) + 1 eval
+
+
+def test_resume_with_other_settings_is_refused_and_names_the_difference(tmp_path):
+    fit_regression(tmp_path, num_epochs=1)
+    with pytest.raises(ValueError, match=r"training_arguments\.learning_rate: 0\.01 in the checkpoint, 0\.02 now"):
+        fit_regression(tmp_path, num_epochs=1, learning_rate=0.02, resume_from="latest")
+    with pytest.raises(ValueError, match=r"training_arguments\.num_epochs: 1 in the checkpoint, 2 now"):
+        fit_regression(tmp_path, num_epochs=2, resume_from="latest")
+    # What only changes the reporting may differ: the run is already complete, so nothing more is trained.
+    _, result = fit_regression(tmp_path, num_epochs=1, resume_from="latest", log_every_steps=3)
+    assert result.global_step == 8
+
+
+def test_train_refuses_a_used_folder_and_a_changed_dataset_on_resume(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli("train", "scaling-mlp", "--output-dir", tmp_path, *small_dataset_args(), check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is not empty (it holds notes.txt)" in proc.stderr and "--overwrite-output-dir" in proc.stderr
+    out = tmp_path / "run"
+    run_cli("train", "scaling-mlp", "--output-dir", out, "--epochs", "1", "--no-progress", *small_dataset_args())
+    proc = run_cli("train", "scaling-mlp", "--output-dir", out, "--epochs", "1", "--resume", "--no-progress",
+                   *small_dataset_args()[:-2], "--dataset-option", "num_classes=3", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "dataset_kwargs.num_classes: 4 in the checkpoint, 3 now" in proc.stderr
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    from hfpapers.engine import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 1, optimiser step 6.*"
+                                                 r"last good checkpoint is .*step-00000005"):
+        fit_regression(tmp_path, RegressionRecipe(nan_at_step=5), checkpoint_every_steps=1, keep_checkpoints=3)
+    assert not (tmp_path / "model.safetensors").exists()  # no final weights from a run that failed
+    last = load_file(tmp_path / "checkpoints" / "step-00000005" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    from hfpapers.engine import NonFiniteLossError
+
+    class PoisonAtStep3(Callback):
+        def on_before_optimizer_step(self, state, model, accelerator):
+            if state.global_step == 2:  # the third step
+                model.second.bias.grad.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite after optimiser step 3.*step-00000002"):
+        fit_regression(tmp_path, callbacks=[PoisonAtStep3()], checkpoint_every_steps=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+@pytest.mark.parametrize(("settings", "error", "message"), [
+    ({"num_epochs": "abc"}, TypeError, "num_epochs must be int, got 'abc'"),
+    ({"num_epochs": True}, TypeError, "num_epochs must be int, got True"),
+    ({"num_epochs": 2.5}, TypeError, "num_epochs must be int, got 2.5"),
+    ({"learning_rate": float("nan")}, ValueError, "learning_rate must be a finite number above 0, got nan"),
+    ({"learning_rate": float("inf")}, ValueError, "learning_rate must be a finite number above 0, got inf"),
+    ({"learning_rate": 0}, ValueError, "learning_rate must be a finite number above 0, got 0.0"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay must be a finite number of at least 0"),
+    ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be a finite number above 0"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps must be at least 0"),
+    ({"checkpoint_every_steps": 0}, ValueError, "checkpoint_every_steps must be at least 1"),
+    ({"progress_bar": "no"}, TypeError, "progress_bar must be bool, got 'no'"),
+    ({"report_to": 3}, TypeError, "report_to must be str or list, got 3"),
+])
+def test_training_arguments_check_types_and_ranges(settings, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        TrainingArguments(output_dir="x", **settings)
+    assert TrainingArguments(output_dir="x", learning_rate=1).learning_rate == 1.0  # `--set learning_rate=1`
+
+
+@pytest.mark.parametrize("args", [["--lr", "nan"], ["--set", "num_epochs=abc"]])
+def test_bad_arguments_on_the_command_line_are_one_line(args, tmp_path):
+    proc = run_cli("train", "scaling-mlp", "--output-dir", tmp_path / "out", *args, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("learning_rate must be a finite number" if "--lr" in args else "num_epochs must be int") in proc.stderr
+
+
+def test_a_full_disk_is_named_with_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import hfpapers.engine.run_folder as run_folder
+
+    def full(tensors, path, *args, **kwargs):  # what safetensors raises on a full disk (observed on a 64 KiB tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(run_folder, "save_file", full)
+    with pytest.raises(OSError, match=r"^no space left on device while writing .*step-00000008.model\.safetensors$") \
+            as caught:
+        fit_regression(tmp_path / "checkpoint", num_epochs=1)
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    monkeypatch.setattr(Regressor, "save_pretrained", lambda self, path: full(None, path))
+    with pytest.raises(OSError, match=r"^no space left on device while writing .*final$"):
+        fit_regression(tmp_path / "final", num_epochs=1)
+
+
+class ListTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is sent, registered by name as a package's tracker would be."""
+
+    name, requires_logging_directory, main_process_only = "hfpapers-test-list", False, True
+    runs: list = []
+
+    def __init__(self, run_name, **kwargs):
+        super().__init__()
+        self.record = {"run_name": run_name, "config": None, "logs": [], "finished": False}
+        ListTracker.runs.append(self.record)
+
+    @property
+    def tracker(self):
+        return self.record
+
+    def store_init_configuration(self, values):
+        self.record["config"] = values
+
+    def log(self, values, step=None, **kwargs):
+        self.record["logs"].append((step, values))
+
+    def finish(self):
+        self.record["finished"] = True
+
+
+def test_report_to_sends_metrics_to_accelerate_trackers(tmp_path, monkeypatch):
+    from accelerate.tracking import register_tracker_class
+
+    register_tracker_class(ListTracker)
+    fit_regression(tmp_path, num_epochs=2, log_every_steps=4, report_to="hfpapers-test-list")
+    record = ListTracker.runs[-1]
+    assert record["config"]["learning_rate"] == 0.01 and record["finished"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["logs"] == [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in lines]
+    assert [step for step, values in record["logs"] if "eval_mse" in values] == [8, 16]
+    # A built-in tracker whose package is missing is an error, not silence (accelerate would drop it).
+    monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"report_to=\['tensorboard'\] needs its package installed "
+                                         r"\(pip install tensorboard\)"):
+        fit_regression(tmp_path / "tb", report_to="tensorboard")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from hfpapers.engine import TrainingState
 from hfpapers.methods.gs_lora import ContinualForgetter, GSLoRAConfig
 from hfpapers.methods.gs_lora.adapters import block_norms, find_ffn_targets, lora_config, lora_groups
 from hfpapers.methods.gs_lora.forgetter import task_data
@@ -200,9 +201,8 @@ def test_recipe_loss_is_the_weighted_sum_of_its_terms():
     proto = (0.2 * max(0.0, 2.0 - prototype_kl(emb_f, batch["forget_labels"], protos).item())
              + 0.7 * prototype_kl(emb_r, batch["retain_labels"], protos).item())
     for epoch, alpha in ((0, 0.0), (1, 0.1)):
-        recipe.epoch = epoch
         expected = retain.item() + 0.3 * forget + alpha * structure + proto
-        assert recipe.compute_loss(peft_model, batch, g).item() == pytest.approx(expected, rel=1e-5)
+        assert recipe.compute_loss(peft_model, batch, g, TrainingState(epoch=epoch)).item() == pytest.approx(expected, rel=1e-5)
     tap.remove()
 
 
@@ -290,8 +290,8 @@ def test_saved_folder_works_with_the_pipeline_and_has_a_card(two_tasks, shapes):
     for expected in ("circle, square, triangle", "Not a privacy guarantee", "Reported in the papers",
                      f"{100 * reports[1].acc_f_before:.1f}", "adapters/task-1"):
         assert expected in card.text, expected
-    results = json.loads((saved / "forgetting_results.json").read_text())
-    assert [t["forget_classes"] for t in results["tasks"]] == [["circle", "square"], ["triangle"]]
+    results = json.loads((saved / "results.json").read_text())
+    assert [t["forget_classes"] for t in results["details"]["tasks"]] == [["circle", "square"], ["triangle"]]
 
 
 def test_scaling_mlp_forgets_too(shapes, tmp_path):
@@ -358,7 +358,7 @@ forget, retain = task_data(data["train"], [0], [])
 print(json.dumps(forgetter.forget([0], forget, retain).to_dict()))
 """
     with LocalHub(data_dir=tmp_path / "hub") as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_fake",
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": hub.token,
                "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                               timeout=300)
@@ -427,19 +427,20 @@ def test_forget_script_runs_on_two_processes(tmp_path):
     command = get_launch_command(multi_gpu=True, num_processes=2, num_machines=1, mixed_precision="no",
                                  dynamo_backend="no", main_process_port=get_torch_dist_unique_port())
     command[0] = str(Path(sys.executable).with_name("accelerate"))
-    command += [str(REPO / "training" / "forget.py"), "--model", str(tmp_path / "base"), "--tasks", "circle,square",
-                "--tasks", "2", "--output-dir", str(tmp_path / "out"), "--few-shot", "8",
+    command += [str(REPO / "training" / "run.py"), "gs-lora", "--model", str(tmp_path / "base"), "--tasks", "circle,square",
+                "--tasks", "2", "--output-dir", str(tmp_path / "out"), "--set", "few_shot=8",
                 *[a for k, v in {"resolution": SIZE, "num_train": 120, "num_test": 30, "num_classes": NUM_CLASSES}.items()
                   for a in ("--dataset-option", f"{k}={v}")],
                 "--set", "rank=2", "--set", "num_epochs=2", "--set", "batch_size=4", "--set", "bound=5"]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"task"')]
     assert [r["forget_classes"] for r in reports] == [["circle", "square"], ["triangle"]]  # printed once, by rank 0
     out = tmp_path / "out"
-    results = json.loads((out / "forgetting_results.json").read_text())
-    assert [t["task"] for t in results["tasks"]] == [1, 2]
+    results = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in results["details"]["tasks"]] == [1, 2]
+    assert json.loads((out / "hfpapers_run.json").read_text())["method"] == "gs-lora"
     for task in (1, 2):
         assert (out / "adapters" / f"task-{task}" / "adapter_model.safetensors").exists()
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()

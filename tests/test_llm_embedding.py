@@ -11,6 +11,7 @@ from transformers import AutoModel
 
 import hfpapers
 from conftest import REPO, read_json
+from hfpapers.engine import TrainingState
 from hfpapers.methods.llm_embedding import ARMS
 from hfpapers.methods.llm_embedding.configuration_llm_embedding import LLMEmbeddingConfig, TrainablePoolerConfig
 from hfpapers.methods.llm_embedding.modeling_llm_embedding import LLMEmbeddingModel, TrainablePooler, tokenize
@@ -311,7 +312,7 @@ def test_gradient_cache_gives_the_gradients_of_the_whole_batch():
     grads = []
     for recipe in (LLMEmbeddingRecipe(), LLMEmbeddingRecipe(gradient_cache=True, cache_chunk_size=2)):
         model.zero_grad()
-        loss = recipe.backward(accelerator, model, batch, torch.Generator())
+        loss = recipe.backward(accelerator, model, batch, torch.Generator(), TrainingState())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         assert loss.requires_grad is False
     for name in grads[0]:
@@ -496,7 +497,7 @@ def official_artifacts(tmp_path, arm, model):
 @pytest.mark.parametrize("arm", ["model-1", "model-5"])
 def test_official_adapter_and_pooler_convert_with_every_key(arm, tmp_path):
     from hfpapers.data.text import build_word_tokenizer
-    from hfpapers.methods.llm_embedding.convert_llm_embedding import convert
+    from hfpapers.methods.llm_embedding.convert_llm_embedding import convert_adapter
 
     torch.manual_seed(0)
     base = tmp_path / "base"
@@ -506,8 +507,8 @@ def test_official_adapter_and_pooler_convert_with_every_key(arm, tmp_path):
     template = hfpapers.create_model("llm-embedding", f"tiny-{arm}")
     folder, adapter, pooler = official_artifacts(tmp_path, arm, template)
     pooler_config = template.config.pooler_config.to_dict() if template.pooler is not None else None
-    converted = convert(str(folder), str(tmp_path / "out"), str(base), arm, pooler_config=pooler_config,
-                        max_length=template.config.max_length)
+    converted = convert_adapter(folder, tmp_path / "out", str(base), arm, pooler_config=pooler_config,
+                                max_length=template.config.max_length)
     state = converted.state_dict()
     for key, tensor in adapter.items():
         ours = "decoder." + key[len("base_model.model."):].replace(".weight", ".default.weight")
@@ -522,6 +523,31 @@ def test_official_adapter_and_pooler_convert_with_every_key(arm, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).embeddings,
                                    converted.eval()(input_ids=ids, attention_mask=mask).embeddings)
+
+
+def test_hfpapers_convert_writes_the_adapter_and_names_a_missing_half(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from hfpapers.cli import main
+    from hfpapers.data.text import build_word_tokenizer
+
+    base = tmp_path / "base"
+    AutoModel.from_config(hfpapers.create_model("llm-embedding", "tiny").config.decoder_config).save_pretrained(base)
+    build_word_tokenizer().save_pretrained(base)
+    folder, adapter, _ = official_artifacts(tmp_path, "model-1", hfpapers.create_model("llm-embedding", "tiny-model-1"))
+    args = ["convert", "llm-embedding", str(folder), str(tmp_path / "out"), "--base", str(base), "--arm", "model-1"]
+    assert main(args) == 0
+    assert "saved model-1" in capsys.readouterr().out
+    state = AutoModel.from_pretrained(tmp_path / "out").state_dict()
+    key = "base_model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert torch.equal(state["decoder.layers.1.self_attn.v_proj.lora_B.default.weight"], adapter[key])
+    # one half of a LoRA pair gone: one line naming the model key nothing filled
+    save_file({k: v for k, v in load_file(folder / "adapter_model.safetensors").items() if k != key},
+              folder / "adapter_model.safetensors")
+    assert main([*args[:3], str(tmp_path / "out2"), *args[4:]]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # after the base decoder's loading bar
+    assert error.startswith("hfpapers convert: error: the official model-1 checkpoint does not fit the model: "
+                            "missing keys (1): decoder.layers.1.self_attn.v_proj.lora_B.default.weight")
 
 
 def test_an_unknown_official_key_stops_the_conversion():

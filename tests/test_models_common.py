@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import hfpapers
 from hfpapers.testing.tiny import tiny_inputs, wrong_inputs
 
-CASES = [(record, auto_name) for record in hfpapers.list_methods() if record.library == "transformers"
+CASES = [(record, auto_name) for record in hfpapers.list_methods() if record.kind == "model"
          for auto_name in record.model_classes]
 IDS = [f"{record.slug}-{auto_name}" for record, auto_name in CASES]
 

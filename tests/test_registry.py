@@ -10,7 +10,10 @@ from hfpapers.registry import MethodRecord
 
 def test_records_describe_each_method():
     records = hfpapers.list_methods()
-    assert [r.slug for r in records] == ["efficientvim", "layerdiffusion", "llm-embedding", "read", "scaling-mlp"]
+    assert [(r.slug, r.kind) for r in records] == [
+        ("efficientvim", "model"), ("gs-lora", "procedure"), ("layerdiffusion", "diffusers"),
+        ("llm-embedding", "model"), ("read", "model"), ("scaling-mlp", "model")]
+    assert hfpapers.get_method("gs-lora").arxiv_ids == ("2403.11530", "2501.09705")
     record = hfpapers.get_method("scaling-mlp")
     assert isinstance(record, MethodRecord)
     assert record.arxiv_id == "2306.13575" and record.task == "image-classification"
@@ -20,7 +23,7 @@ def test_records_describe_each_method():
 
 
 def test_unknown_slug_and_preset_name_the_known_ones():
-    with pytest.raises(KeyError, match="known methods: efficientvim, layerdiffusion, llm-embedding, read, scaling-mlp"):
+    with pytest.raises(KeyError, match="known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, read, scaling-mlp"):
         hfpapers.get_method("no-such-paper")
     with pytest.raises(KeyError, match=r"known presets: tiny, B_6-Wi_512"):
         hfpapers.create_model("scaling-mlp", preset="huge")
@@ -104,3 +107,35 @@ def test_a_record_with_a_custom_pipeline_registers_it():
     model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=5).eval()
     x = torch.randn(1, 3, 16, 16)
     assert pipeline("hfp-test-top-class", model=model)(x) == int(model(pixel_values=x).logits.argmax())
+
+
+def test_a_record_missing_a_piece_of_its_kind_is_refused():
+    import dataclasses
+
+    record = hfpapers.get_method("scaling-mlp")
+    with pytest.raises(ValueError, match="kind 'plugin' is not one of model, diffusers"):
+        dataclasses.replace(record, kind="plugin")
+    with pytest.raises(ValueError, match="a 'procedure' record needs a runner"):
+        dataclasses.replace(record, kind="procedure")
+    with pytest.raises(ValueError, match="a 'model' record needs a recipe"):
+        dataclasses.replace(record, recipe=None)
+    with pytest.raises(ValueError, match=r"presets \['tiny'\] are not Preset objects"):
+        dataclasses.replace(record, presets={**record.presets, "tiny": {"num_blocks": 1}})
+    with pytest.raises(ValueError, match=r"presets \['huge'\] are named but not defined"):
+        dataclasses.replace(record, default_preset="huge")
+
+
+def test_a_method_that_fails_to_import_is_named_and_the_others_still_register(monkeypatch):
+    """Registration cannot half-fail: the broken method is named, every other one is registered."""
+    import dataclasses
+
+    from hfpapers import registry
+
+    broken = dataclasses.replace(hfpapers.get_method("scaling-mlp"), slug="broken-method",
+                                 config_class="hfpapers.methods.no_such_module.Config")
+    records = {**registry._records(), "broken-method": broken}
+    monkeypatch.setattr(registry, "_RECORDS", records)
+    monkeypatch.setattr(registry, "_registered", set())
+    with pytest.raises(registry.RegistrationError, match="method 'broken-method' could not be registered"):
+        hfpapers.register_with_transformers()
+    assert registry._registered == set(records) - {"broken-method"}

@@ -69,7 +69,7 @@ def train_base(s: Setting, data, out: Path):
                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
     args = TrainingArguments(output_dir=str(out), num_epochs=s.base_epochs, learning_rate=s.base_learning_rate,
                              per_device_train_batch_size=128, weight_decay=0.05, lr_scheduler="cosine",
-                             warmup_steps=s.base_warmup_steps, progress_bar=False)
+                             warmup_steps=s.base_warmup_steps, progress_bar=False, overwrite_output_dir=True)
     result = fit(model, data, ImageClassificationRecipe(), args, processor)
     return model, processor, result.eval_metrics["accuracy"]
 

@@ -31,7 +31,7 @@ def reproduce(output_dir: str, sets_per_category: int = 6, suite_size: int = 96,
         started = time.perf_counter()
         extra = {"pretrain_epochs": 0, "base_model": base} if base else {}
         train("llm-embedding", str(root / arm), preset=f"tiny-{arm}", dataset_kwargs=dataset_kwargs,
-              progress_bar=False, **{**settings, **extra})
+              progress_bar=False, overwrite_output_dir=True, **{**settings, **extra})
         base = base or str(root / arm / "base-decoder")
         results[arm] = evaluate_checkpoint(str(root / arm), suite)
         seconds[arm] = time.perf_counter() - started

@@ -35,8 +35,9 @@ def reproduce(output_dir: str, seeds=(0,), dataset_kwargs: dict | None = None, *
             folder = root / f"seed{seed}" / preset
             sam = {} if not runs else {"base_sam": str(runs["tiny"] / "base-sam"), "sam_pretrain_epochs": 0}
             if not (folder / "train_results.json").exists():  # a finished arm is reused
+                # an arm that did not finish starts over (its folder is only a cache of the result)
                 train("read", str(folder), preset=preset, dataset_kwargs=dataset_kwargs, progress_bar=False,
-                      seed=seed, **{**settings, **sam})
+                      seed=seed, overwrite_output_dir=True, **{**settings, **sam})
             runs[preset] = folder
             done = json.loads((folder / "train_results.json").read_text())
             results[arm].append({**done["eval"], "train_seconds": round(done["train_seconds"], 1)})

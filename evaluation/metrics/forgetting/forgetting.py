@@ -14,8 +14,10 @@ an accuracy over no examples (or Drop / H-Mean without `forget_accuracy_before`)
 import datasets
 import evaluate
 
-from hfpapers.methods.gs_lora.card import BIBTEX as _CITATION
+from hfpapers import get_method
 from hfpapers.methods.gs_lora.metrics import forgetting_metrics
+
+_CITATION = get_method("gs-lora").bibtex
 
 
 _KWARGS_DESCRIPTION = """

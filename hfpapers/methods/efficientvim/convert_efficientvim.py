@@ -6,9 +6,9 @@ The official training script saves an envelope `{"model", "model_ema", "optimize
 (timm only drops the distillation head of non-distilled models). Our module names follow the official ones, so
 the conversion puts the body (`patch_embed.*`, `stages.*`) under `efficientvim.`, keeps the fusion head
 (`weights`, `norm.*`, `heads.*`, and `weights_dist`, `heads_dist.*` when distilled) as it is, and accepts the
-LayerNorm parameters flattened to (C,). Everything else here checks that the weights really are the model built.
+LayerNorm parameters flattened to (C,). The rest here tells the variant from the weights.
 
-    python -m hfpapers.methods.efficientvim.convert_efficientvim CHECKPOINT OUTPUT_DIR [--variant M1] \
+    hfpapers convert efficientvim CHECKPOINT OUTPUT_DIR [--variant M1] \
         [--image-size 224] [--drop-distillation-head]
 
 ImageNet-1k class names are not available offline: the converted config keeps the default labels LABEL_0...
@@ -137,7 +137,8 @@ def convert_state_dict(state_dict, config: EfficientViMConfig,
 
     A distillation head in the checkpoint of a non-distilled config is an error unless `drop_distillation_head`
     (what timm does when it loads a `-dist` checkpoint into a plain model). Missing `num_batches_tracked` are
-    filled with 0. Raises one ValueError listing the missing keys, unexpected keys and shape mismatches."""
+    filled with 0. Keys and shapes are checked when the result loads
+    (`hfpapers.checkpoints.load_state_dict_checked`)."""
     state_dict = unwrap_checkpoint(state_dict)
     has_distillation = any(DISTILLATION_KEYS.match(key) for key in state_dict)
     if has_distillation and not config.distillation:
@@ -159,29 +160,15 @@ def convert_state_dict(state_dict, config: EfficientViMConfig,
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         reference = EfficientViMForImageClassification(config).state_dict()
     expected = {key.removeprefix(BASE_PREFIX): (key, tuple(t.shape)) for key, t in reference.items()}
-    converted, mismatched = {}, []
+    converted = {}
     for key, tensor in state_dict.items():
-        if key not in expected:
-            continue
-        ours, shape = expected[key]
-        if LAYER_NORM_KEYS.match(key) and tensor.dim() == 1 and tensor.numel() == shape[1]:
+        ours, shape = expected.get(key, (key, None))  # an unknown key keeps its name, for the loader's listing
+        if LAYER_NORM_KEYS.match(key) and shape and tensor.dim() == 1 and tensor.numel() == shape[1]:
             tensor = tensor.reshape(shape)
-        if tuple(tensor.shape) != shape:
-            mismatched.append(f"{key} expected {shape} got {tuple(tensor.shape)}")
         converted[ours] = tensor
-    missing = []
     for key, (ours, _) in expected.items():
-        if key in state_dict:
-            continue
-        if key.endswith(".num_batches_tracked"):  # a training counter; inference does not read it
+        if key.endswith(".num_batches_tracked") and key not in state_dict:  # a training counter; inference skips it
             converted[ours] = torch.tensor(0, dtype=torch.long)
-        else:
-            missing.append(key)
-    unexpected = state_dict.keys() - expected.keys()
-    problems = [f"{name}: {checkpoints.listing(keys)}" for name, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ValueError("the checkpoint does not match the config: " + "; ".join(problems))
     return converted
 
 
@@ -215,35 +202,40 @@ def convert_checkpoint(path: str | Path, output_dir: str | Path, variant: str | 
         if drop_distillation_head:
             config.distillation = False
     model = EfficientViMForImageClassification(config)
-    model.load_state_dict(convert_state_dict(state_dict, config, drop_distillation_head), strict=True)
+    checkpoints.load_state_dict_checked(model, convert_state_dict(state_dict, config, drop_distillation_head),
+                                        "the checkpoint")
     model.eval()
     model.save_pretrained(output_dir)
     create_processor("efficientvim", config).save_pretrained(output_dir)
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="official .pth envelope, timm state dict, or .safetensors")
-    parser.add_argument("output_dir", help="folder to write the save_pretrained model into")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hfpapers convert efficientvim CHECKPOINT OUTPUT_DIR` (CHECKPOINT: an official .pth envelope,
+    a timm state dict, or .safetensors)."""
     parser.add_argument("--variant", help="preset to convert to (M1..M4, M1-dist..M4-dist), checked against the "
                                           "weights; default: inferred from them")
     parser.add_argument("--image-size", type=int, help="the image processor's crop (default 224, 256 for M4)")
     parser.add_argument("--drop-distillation-head", action="store_true",
                         help="convert a distilled checkpoint to a plain model, dropping heads_dist and weights_dist")
-    args = parser.parse_args(argv)
-    try:
-        model = convert_checkpoint(args.checkpoint, args.output_dir, args.variant, args.image_size,
-                                   args.drop_distillation_head)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+
+
+def convert(checkpoint: str | Path, output_dir: str | Path, variant: str | None = None, image_size: int | None = None,
+            drop_distillation_head: bool = False) -> str:
+    """`convert_checkpoint` for `hfpapers convert`: returns what was written."""
+    model = convert_checkpoint(checkpoint, output_dir, variant, image_size, drop_distillation_head)
     c = model.config
-    print(f"wrote EfficientViM embed_dim {list(c.embed_dim)}, depths {list(c.depths)}, state_dim "
-          f"{list(c.state_dim)}{' with distillation head' if c.distillation else ''}, {c.num_labels} classes, "
-          f"{c.image_size} px ({model.num_parameters():,} parameters) to {args.output_dir}; class names are the "
-          "defaults LABEL_<i> (set config.id2label for ImageNet names)")
-    return 0
+    return (f"wrote EfficientViM embed_dim {list(c.embed_dim)}, depths {list(c.depths)}, state_dim "
+            f"{list(c.state_dim)}{' with distillation head' if c.distillation else ''}, {c.num_labels} classes, "
+            f"{c.image_size} px ({model.num_parameters():,} parameters) to {output_dir}; class names are the "
+            "defaults LABEL_<i> (set config.id2label for ImageNet names)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hfpapers.methods.efficientvim.convert_efficientvim ...`: `hfpapers convert efficientvim ...`."""
+    from ...cli import main as cli_main
+
+    return cli_main(["convert", "efficientvim", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

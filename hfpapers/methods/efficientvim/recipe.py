@@ -90,14 +90,6 @@ class EfficientViMRecipe(ImageClassificationRecipe):
     teacher: str | None = None  # Hub id or folder of an image classifier: DeiT hard distillation
     distillation_alpha: float = 0.5
 
-    defaults = {"learning_rate": 2e-3, "weight_decay": 0.05, "per_device_train_batch_size": 256, "num_epochs": 310,
-                "max_grad_norm": 0.02, "ema_decay": 0.9995}
-    # The CPU-sized preset: 3,000 small images and a few minutes are too little for batch mixing and erasing to
-    # pay off, so they are off; the rest of the recipe (EMA, MESA, schedule shape, AdamW groups) is kept.
-    preset_defaults = {"tiny": {"learning_rate": 4e-3, "per_device_train_batch_size": 64, "num_epochs": 15,
-                                "warmup_epochs": 1, "cooldown_epochs": 1, "ema_decay": 0.99, "max_grad_norm": 1.0,
-                                "crop_scale": (0.35, 1.0), "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
-                                "random_erasing": 0.0}}
     metric = "accuracy"
 
     def __post_init__(self):
@@ -147,7 +139,7 @@ class EfficientViMRecipe(ImageClassificationRecipe):
                                  f"classes, the student {num_labels}")
         return self._teacher_model
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         config = model.module.config if hasattr(model, "module") else model.config
         images, targets = self.augment(batch["pixel_values"], batch["labels"], config.num_labels, step_rng)
         outputs = model(pixel_values=images)
@@ -160,8 +152,8 @@ class EfficientViMRecipe(ImageClassificationRecipe):
                 teacher_labels = self.teacher_model(config.num_labels)(pixel_values=images).logits.argmax(-1)
             distill = F.cross_entropy(outputs.distillation_logits, teacher_labels)
             return (1 - self.distillation_alpha) * loss + self.distillation_alpha * distill
-        if self.mesa and self.ema_model is not None and self.epoch >= int(self.mesa_start * self.num_epochs):
+        if self.mesa and state.ema_model is not None and state.epoch >= int(self.mesa_start * state.num_epochs):
             with torch.no_grad():
-                ema_probs = self.ema_model.eval()(pixel_values=images).logits.softmax(-1)
+                ema_probs = state.ema_model.eval()(pixel_values=images).logits.softmax(-1)
             loss = loss + self.mesa_weight * soft_target_cross_entropy(outputs.logits, ema_probs)
         return loss

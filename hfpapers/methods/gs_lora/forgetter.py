@@ -7,7 +7,6 @@ the paper's losses on the forget data and a small replay set of retained classes
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -27,7 +26,6 @@ from .recipe import EmbeddingTap, EvalSet, GSLoRARecipe, PairedReplay
 __all__ = ["ContinualForgetter", "ForgettingReport", "task_data"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-RESULTS_FILE = "forgetting_results.json"
 
 
 @dataclass
@@ -278,7 +276,7 @@ class ContinualForgetter:
         finally:
             if tap is not None:
                 tap.remove()
-        trained = recipe.ema_model if cfg.ema_decay is not None else model
+        trained = result.ema_model if cfg.ema_decay is not None else model
         norms = block_norms(trained, self.targets) if cfg.tune == "lora" else []
         self.model = self._detach_adapter(trained)
 
@@ -295,10 +293,17 @@ class ContinualForgetter:
 
     # ---------------------------------------------------------------- saving
 
+    def result(self):
+        """The run result so far (`hfpapers.runs.RunResult`): the before/after table and block norms per task."""
+        from .runner import forgetting_result
+
+        return forgetting_result([r.to_dict() for r in self.reports], self.config.to_dict(),
+                                 _hub_id(self.base_model), self.config.tune)
+
     def save_pretrained(self, save_directory: str) -> Path:
         """The merged model (safetensors) and processor, each task's adapter in peft format under
-        `adapters/task-<t>/`, the reports as JSON and a model card. Only the main process writes."""
-        from .card import write_card
+        `adapters/task-<t>/`, results.json and the card. Only the main process writes."""
+        from ...runs import write_results
 
         out = Path(save_directory)
         if not PartialState().is_main_process:
@@ -312,9 +317,5 @@ class ContinualForgetter:
                 (out / "adapters" / f"task-{t}").mkdir(parents=True, exist_ok=True)
                 for name in ADAPTER_FILES:
                     shutil.copy(task["run_dir"] / name, out / "adapters" / f"task-{t}" / name)
-        results = {"base_model": _hub_id(self.base_model), "config": self.config.to_dict(), "classes": self.id2label,
-                   "ffn_targets": self.targets.blocks if self.targets else None,
-                   "tasks": [r.to_dict() for r in self.reports]}
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        write_card(out)
+        write_results(out, "gs-lora", self.result(), config=self.config)
         return out

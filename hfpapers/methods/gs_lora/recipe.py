@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...engine import Recipe
+from ...engine import Recipe, TrainingState
 from .config import GSLoRAConfig
 from .losses import alpha_at, bounded_forgetting_loss, group_sparse_penalty, prototype_loss
 from .metrics import forgetting_metrics
@@ -106,11 +106,11 @@ class GSLoRARecipe(Recipe):
                 self.config.prototype_bound, self.config.prototype_forget_weight, self.config.prototype_retain_weight)
         return terms
 
-    def compute_loss(self, model, batch: dict, step_rng: torch.Generator) -> torch.Tensor:
+    def compute_loss(self, model, batch: dict, step_rng: torch.Generator, state: TrainingState) -> torch.Tensor:
         terms = self.loss_terms(model, batch)
         loss = terms["retain"] + self.config.beta * terms["forget"] + terms.get("prototype", 0.0)
         if "structure" in terms:
-            loss = loss + alpha_at(self.epoch, self.config.alpha, self.config.alpha_warmup_epochs) * terms["structure"]
+            loss = loss + alpha_at(state.epoch, self.config.alpha, self.config.alpha_warmup_epochs) * terms["structure"]
         return loss
 
     def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:

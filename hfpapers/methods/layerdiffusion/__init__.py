@@ -23,6 +23,10 @@ _TINY = {
                             "up_block_types": ["AttnUpBlock2D"] + ["UpBlock2D"] * 3},
 }
 
+# [recall] the official training code was never released: CPU-sized arguments for every preset.
+_TRAINING = {"num_epochs": 7, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
+             "learning_rate": 6e-3, "lr_scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0}
+
 RECORD = MethodRecord(
     slug="layerdiffusion",
     title="Transparent Image Layer Diffusion using Latent Transparency",
@@ -33,13 +37,14 @@ RECORD = MethodRecord(
     kind="diffusers",
     config_class=None,
     model_classes={"TransparentVAE": f"{_MODULE}.modeling_layerdiffusion.TransparentVAE"},
-    presets={"tiny": Preset(_TINY), "sd15": Preset({"vae": _SD15_VAE, **_RELEASED}),
-             "sdxl": Preset({"vae": _SDXL_VAE, **_RELEASED})},
+    presets={"tiny": Preset(_TINY, _TRAINING), "sd15": Preset({"vae": _SD15_VAE, **_RELEASED}, _TRAINING),
+             "sdxl": Preset({"vae": _SDXL_VAE, **_RELEASED}, _TRAINING)},
     default_preset="tiny",
     paper_presets=("sdxl", "sd15"),
     dataset="rgba_layers",
     dataset_kwargs={"resolution": 32, "num_train": 1024, "num_test": 128},
     recipe=f"{_MODULE}.recipe.LayerDiffusionRecipe",
+    converter=f"{_MODULE}.convert_layerdiffusion",
     official_code="https://github.com/lllyasviel/LayerDiffuse_DiffusersCLI",
     license="Apache-2.0",  # the official diffusers CLI and the Forge extension
     # [not verified here: the Hub cannot be reached] the weights are fine-tunes of SDXL and SD 1.5

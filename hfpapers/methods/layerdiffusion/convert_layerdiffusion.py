@@ -21,8 +21,8 @@ The files and what becomes of them:
 
 Files are read with safetensors only (never `torch.load`).
 
-    python -m hfpapers.methods.layerdiffusion.convert_layerdiffusion --weights FILE --output DIR \
-        [--kind KIND] [--source forge|diffusers_cli] [--unet-config CONFIG_JSON]
+    hfpapers convert layerdiffusion FILE OUTPUT_DIR [--kind KIND] [--source forge|diffusers_cli] \
+        [--unet-config CONFIG_JSON]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ...checkpoints import listing
+from ...checkpoints import listing, load_state_dict_checked
 
 # What `detect_format` returns, and what each kind is.
 __all__ = ["FORMATS", "ldm_to_diffusers_unet_key", "convert_attn_lora", "apply_attn_lora", "convert_weight_diffs",
@@ -376,20 +376,6 @@ def _widen_conv_in(unet, in_channels: int) -> None:
 
 # Encoder / decoder --------------------------------------------------------------------------------------------
 
-def _load_strict(model, state_dict: Mapping[str, torch.Tensor], what: str):
-    expected = model.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    mismatched = [f"{key} {tuple(state_dict[key].shape)} (model {tuple(expected[key].shape)})"
-                  for key in expected.keys() & state_dict.keys() if state_dict[key].shape != expected[key].shape]
-    problems = [f"{name}: {listing(keys)}" for name, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ValueError(f"the weights do not match this {what} config: {'; '.join(problems)}")
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
 def load_transparent_encoder(state_dict: Mapping[str, torch.Tensor], source: str, **config):
     """A `LatentTransparencyEncoder` holding an encoder file's weights. `source` says whose file it is and so
     its offset scale: "diffusers_cli" (`ld_diffusers_sdxl_vae_transparent_encoder`, x300) or "forge"
@@ -400,7 +386,7 @@ def load_transparent_encoder(state_dict: Mapping[str, torch.Tensor], source: str
     if source not in ENCODER_OFFSET_SCALES:
         raise ValueError(f"source must be one of {sorted(ENCODER_OFFSET_SCALES)}, got {source!r}")
     model = LatentTransparencyEncoder(offset_scale=ENCODER_OFFSET_SCALES[source], **config)
-    return _load_strict(model, state_dict, "LatentTransparencyEncoder")
+    return load_state_dict_checked(model, state_dict, "the LatentTransparencyEncoder weights").eval()
 
 
 def load_transparent_decoder(state_dict: Mapping[str, torch.Tensor], **config):
@@ -409,7 +395,8 @@ def load_transparent_decoder(state_dict: Mapping[str, torch.Tensor], **config):
     default (released) architecture. Raises ValueError listing missing and unexpected keys."""
     from .modeling_layerdiffusion import TransparentVAEDecoder
 
-    return _load_strict(TransparentVAEDecoder(**config), state_dict, "TransparentVAEDecoder")
+    decoder = TransparentVAEDecoder(**config)
+    return load_state_dict_checked(decoder, state_dict, "the TransparentVAEDecoder weights").eval()
 
 
 def encoder_source_from_filename(path: str | Path) -> str:
@@ -461,8 +448,8 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} could not be read as safetensors: {error}") from error
 
 
-def convert(weights: str | Path | Mapping[str, torch.Tensor], output_dir: str | Path, kind: str | None = None,
-            source: str | None = None, unet_config: Mapping | None = None) -> str:
+def convert_weights(weights: str | Path | Mapping[str, torch.Tensor], output_dir: str | Path,
+                    kind: str | None = None, source: str | None = None, unet_config: Mapping | None = None) -> str:
     """Convert a released file (a path, or its state dict) into `output_dir`; returns its kind (`FORMATS`).
 
     - encoder / decoder: a `save_pretrained` folder of our model. The encoder's `source` (see
@@ -506,24 +493,28 @@ def convert(weights: str | Path | Mapping[str, torch.Tensor], output_dir: str | 
     return detected
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="a released LayerDiffuse .safetensors file")
-    parser.add_argument("--output", required=True, help="folder to write the converted weights into")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hfpapers convert layerdiffusion FILE OUTPUT_DIR` (FILE: a released .safetensors file)."""
     parser.add_argument("--kind", choices=sorted(FORMATS), help="expected kind (default: detected from the keys)")
     parser.add_argument("--source", choices=sorted(ENCODER_OFFSET_SCALES),
                         help="whose encoder file this is (sets the offset scale); default: from the file name")
     parser.add_argument("--unet-config", help="a diffusers UNet config.json whose layout the `::` keys follow "
                                               "(default: SDXL)")
-    args = parser.parse_args(argv)
-    try:
-        unet_config = json.loads(Path(args.unet_config).read_text()) if args.unet_config else None
-        kind = convert(args.weights, args.output, args.kind, args.source, unet_config)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    print(f"wrote {kind} ({FORMATS[kind]}) to {args.output}")
-    return 0
+
+
+def convert(checkpoint: str | Path, output_dir: str | Path, kind: str | None = None, source: str | None = None,
+            unet_config: str | Path | None = None) -> str:
+    """`convert_weights` for `hfpapers convert` (`unet_config`: a config.json path): returns what was written."""
+    layout = json.loads(Path(unet_config).read_text()) if unet_config else None
+    kind = convert_weights(checkpoint, output_dir, kind, source, layout)
+    return f"wrote {kind} ({FORMATS[kind]}) to {output_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hfpapers.methods.layerdiffusion.convert_layerdiffusion ...`: `hfpapers convert layerdiffusion ...`."""
+    from ...cli import main as cli_main
+
+    return cli_main(["convert", "layerdiffusion", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

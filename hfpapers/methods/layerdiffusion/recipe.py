@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...engine import Recipe, TensorDataset
-from ...registry import create_model
 from .modeling_layerdiffusion import AUGMENTATIONS, TransparentVAE, dihedral, pad_rgb, rgba_to_tensor
 
 
@@ -103,14 +102,12 @@ class LayerDiffusionRecipe(Recipe):
     # each batch flipped / turned at random: the decoder then agrees with itself across the 8 test-time passes
     dihedral_augmentation: bool = True
 
-    defaults = {"num_epochs": 7, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
-                "learning_rate": 6e-3, "lr_scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0}
     metric = "alpha_iou"
     columns = ("image",)
     processor_class = None
 
-    def build_model(self, slug, preset, datasets, config_overrides, args):
-        transparent_vae = create_model(slug, preset, base_vae=self.base_vae, **config_overrides)
+    def build_model(self, preset, datasets, args):
+        transparent_vae = preset.new_model(base_vae=self.base_vae)
         if self.base_vae is None and self.pretrain_vae_steps:
             images = premultiplied(rgba_to_tensor(list(datasets["train"]["image"])))
             with torch.enable_grad():
@@ -137,7 +134,7 @@ class LayerDiffusionRecipe(Recipe):
         identity = F.mse_loss(output.pixel, premultiplied(rgba))
         return {"reconstruction": reconstruction, "identity": identity}
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         rgba = batch["rgba"]
         if self.dihedral_augmentation:
             rgba = dihedral(rgba, *AUGMENTATIONS[torch.randint(len(AUGMENTATIONS), (1,), generator=step_rng).item()])

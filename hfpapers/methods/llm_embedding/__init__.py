@@ -1,7 +1,7 @@
 """Pooling And Attention: What Are Effective Designs For LLM-Based Embedding Models? (Tang & Yang,
 arXiv 2409.02727)."""
 
-from ...registry import MethodRecord, lazy_exports
+from ...registry import MethodRecord, Preset, lazy_exports
 
 _MODULE = "hfpapers.methods.llm_embedding"
 
@@ -32,6 +32,14 @@ _PRESETS.update({f"tiny-{arm}": {**_TINY, **values} for arm, values in ARMS.item
 _PRESETS.update({f"mistral-7b-{arm}": {"decoder_config": _MISTRAL_7B, **values} for arm, values in ARMS.items()})
 _PRESETS.update({f"qwen2-0.5b-{arm}": {"decoder_config": _QWEN2_05B, **values} for arm, values in ARMS.items()})
 
+# The paper's optimiser (per-device batch 1 x accumulation 256 x 8 GPUs = 2,048; 1,000 steps, bf16).
+_PAPER_TRAINING = {"learning_rate": 1e-5, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 100,
+                   "per_device_train_batch_size": 1, "gradient_accumulation_steps": 256, "num_epochs": 1,
+                   "mixed_precision": "bf16"}
+# CPU-sized training for the tiny presets: a fresh decoder warmed up on the embedded texts, then a few epochs.
+_TINY_TRAINING = {**_PAPER_TRAINING, "learning_rate": 2e-3, "warmup_steps": 10, "per_device_train_batch_size": 32,
+                  "gradient_accumulation_steps": 1, "num_epochs": 3, "mixed_precision": "no", "pretrain_epochs": 4}
+
 RECORD = MethodRecord(
     slug="llm-embedding",
     title="Pooling And Attention: What Are Effective Designs For LLM-Based Embedding Models?",
@@ -43,12 +51,14 @@ RECORD = MethodRecord(
     model_classes={"AutoModel": f"{_MODULE}.modeling_llm_embedding.LLMEmbeddingModel"},
     processor=f"{_MODULE}.recipe.load_tokenizer",
     pipeline_class=f"{_MODULE}.pipeline_llm_embedding.SentenceEmbeddingPipeline",
-    presets=_PRESETS,
+    presets={name: Preset(values, _TINY_TRAINING if name.startswith("tiny") else _PAPER_TRAINING)
+             for name, values in _PRESETS.items()},
     default_preset="tiny",
     paper_presets=tuple(f"mistral-7b-{arm}" for arm in ARMS),
     dataset="triplets",
     dataset_kwargs={"num_train": 2048, "num_test": 256},
     recipe=f"{_MODULE}.recipe.LLMEmbeddingRecipe",
+    converter=f"{_MODULE}.convert_llm_embedding",
     official_code="https://github.com/yixuantt/PoolingAndAttn",
     license="unknown",  # the official repository has no licence file
     weights_license="Apache-2.0 (Mistral-7B-v0.1 base); the trained adapters are shared without a licence",
@@ -68,5 +78,9 @@ RECORD = MethodRecord(
 
 
 # Exports load lazily: the record above must stay importable without torch.
-__getattr__ = lazy_exports(__name__, ("configuration_llm_embedding", "modeling_llm_embedding",
-                                      "pipeline_llm_embedding"))
+__getattr__ = lazy_exports(__name__, {
+    "configuration_llm_embedding": ("LLMEmbeddingConfig", "TrainablePoolerConfig",),
+    "modeling_llm_embedding": ("LLMEmbeddingModel", "LLMEmbeddingOutput", "LLMEmbeddingPreTrainedModel",
+                               "TrainablePooler", "pad_left", "tokenize",),
+    "pipeline_llm_embedding": ("SentenceEmbeddingPipeline",),
+})

@@ -4,7 +4,7 @@ The official training writes, per arm, a peft LoRA adapter folder (`adapter_conf
 keys `base_model.model.<decoder module>.lora_{A,B}.weight`) and, for Models 2-5, the pooler's state dict in
 `attn_pool.pt` (the `PerceiverResampler`). With the base decoder (Mistral-7B-v0.1 in the paper):
 
-    python -m hfpapers.methods.llm_embedding.convert_llm_embedding ADAPTER_DIR OUT --base BASE --arm model-5
+    hfpapers convert llm-embedding ADAPTER_DIR OUT --base BASE --arm model-5
 
 `attn_pool.pt` is read with `torch.load(weights_only=True)`; every key must map, or the conversion stops.
 """
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from ...checkpoints import listing, load_checkpoint
+from ...checkpoints import listing, load_checkpoint, load_state_dict_checked
 from . import ARMS
 
 # Official PerceiverResampler key -> ours (under `pooler.`). The official PreNorm's `norm` normalises the LLM
@@ -79,9 +80,10 @@ def _adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def convert(adapter_dir: str, output_dir: str, base: str, arm: str, pooler_file: str | None = None,
-            **config_overrides):
-    """Build the arm on `base`, load the official LoRA (and pooler), check that every weight was matched, save."""
+def convert_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str, arm: str, pooler: str | None = None,
+                    **config_overrides):
+    """Build the arm on `base`, load the official LoRA (and pooler), check that every weight was matched, save.
+    Returns the model."""
     from transformers import AutoTokenizer
 
     from .modeling_llm_embedding import LLMEmbeddingModel
@@ -95,15 +97,12 @@ def convert(adapter_dir: str, output_dir: str, base: str, arm: str, pooler_file:
         lora_target_modules=sorted(lora["target_modules"]), **config_overrides)
     state = convert_lora_state_dict(_adapter_weights(adapter_path))
     if model.pooler is not None:
-        pooler_path = Path(pooler_file) if pooler_file else adapter_path / "attn_pool.pt"
-        pooler = convert_pooler_state_dict(load_checkpoint(pooler_path), model.config.pooler_config.num_layers)
-        state.update({f"pooler.{k}": v for k, v in pooler.items()})
-    expected = {k for k in model.state_dict() if "lora_" in k or k.startswith("pooler.")}
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ValueError(f"the official weights do not fit the {arm} model: missing {listing(missing)}; "
-                         f"unexpected {listing(extra)}")
-    model.load_state_dict(state, strict=False)
+        pooler_path = Path(pooler) if pooler else adapter_path / "attn_pool.pt"
+        official = convert_pooler_state_dict(load_checkpoint(pooler_path), model.config.pooler_config.num_layers)
+        state.update({f"pooler.{k}": v for k, v in official.items()})
+    # The official files hold the adapters and the pooler; the base decoder keeps its own weights.
+    trained = [k for k in model.state_dict() if "lora_" in k or k.startswith("pooler.")]
+    load_state_dict_checked(model, state, f"the official {arm} checkpoint", expected_keys=trained)
     model.save_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_path if (adapter_path / "tokenizer_config.json").exists() else base)
     tokenizer.padding_side = "left"
@@ -111,17 +110,26 @@ def convert(adapter_dir: str, output_dir: str, base: str, arm: str, pooler_file:
     return model
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter_dir", help="the official output folder (adapter_config.json, adapter_model.*)")
-    parser.add_argument("output_dir")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hfpapers convert llm-embedding ADAPTER_DIR OUTPUT_DIR` (ADAPTER_DIR: the official output
+    folder, adapter_config.json + adapter_model.*)."""
     parser.add_argument("--base", required=True, help="the base decoder (Hub id or folder), e.g. Mistral-7B-v0.1")
     parser.add_argument("--arm", required=True, choices=list(ARMS))
     parser.add_argument("--pooler", help="the pooler file (default: ADAPTER_DIR/attn_pool.pt)")
-    args = parser.parse_args(argv)
-    convert(args.adapter_dir, args.output_dir, args.base, args.arm, args.pooler)
-    print(f"saved {args.arm} to {args.output_dir}")
+
+
+def convert(checkpoint: str | Path, output_dir: str | Path, base: str, arm: str, pooler: str | None = None) -> str:
+    """`convert_adapter` for `hfpapers convert`: returns what was written."""
+    model = convert_adapter(checkpoint, output_dir, base, arm, pooler)
+    return f"saved {arm} on {base} ({model.num_parameters():,} parameters) to {output_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hfpapers.methods.llm_embedding.convert_llm_embedding ...`: `hfpapers convert llm-embedding ...`."""
+    from ...cli import main as cli_main
+
+    return cli_main(["convert", "llm-embedding", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

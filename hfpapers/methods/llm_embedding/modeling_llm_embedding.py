@@ -8,8 +8,11 @@ official code, pad tokens are masked out of the pooler's keys (its Model 4 atten
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_llm_embedding import LLMEmbeddingConfig, TrainablePoolerConfig
+
+# What `save_pretrained` adds for embedding users' tools: the sentence-transformers module (a file shipped beside
+# this one) and the folder of the decoder's LoRA as a standard peft adapter.
+SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_llm_embedding.LLMEmbeddingTransformer"
+ADAPTER_FOLDER = "adapter"
 
 
 @dataclass
@@ -219,6 +227,56 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
                                     base_model_name_or_path=str(base_model_name_or_path), **config_kwargs)
         return cls(config, decoder=decoder)
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus what embedding tools load: the files of a one-module
+        sentence-transformers model (`SentenceTransformer(folder, trust_remote_code=True)`) and, with LoRA, the
+        decoder's adapter in peft's format in `adapter/` (`PeftModel.from_pretrained(decoder, folder,
+        subfolder="adapter")`)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+        super().save_pretrained(save_directory, is_main_process, **kwargs)
+        if self.should_save_on_this_rank(is_main_process):
+            self._save_sentence_transformers_files(Path(save_directory))
+            if self.config.lora_r:
+                self.save_adapter(Path(save_directory, ADAPTER_FOLDER))
+        if push_to_hub:  # after the extra files: push_to_hub saves (through this method) and uploads the whole
+            self.push_to_hub(hub.pop("repo_id", Path(save_directory).name), token=kwargs.get("token"), **hub)
+
+    def _save_sentence_transformers_files(self, folder: Path) -> None:
+        code = Path(__file__).with_name(SENTENCE_TRANSFORMERS_MODULE.partition(".")[0] + ".py")
+        if not code.is_file():  # this file runs as remote code that was fetched without the module
+            return
+        shutil.copyfile(code, folder / code.name)
+        files = {
+            "modules.json": [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}],
+            # The model pools and normalises by itself: its `embeddings` are the sentence embedding.
+            "sentence_bert_config.json": {
+                "transformer_task": "feature-extraction", "module_output_name": "sentence_embedding",
+                "modality_config": {"text": {"method": "forward", "method_output_name": "embeddings"}}},
+            "config_sentence_transformers.json": {"model_type": "SentenceTransformer", "prompts": {},
+                                                  "default_prompt_name": None, "similarity_fn_name": "cosine"},
+        }
+        for name, content in files.items():
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+
+    def save_adapter(self, save_directory) -> None:
+        """The decoder's LoRA as a standard peft adapter folder (`adapter_config.json` +
+        `adapter_model.safetensors`, keys as `PeftModel.save_pretrained` writes them for the bare decoder, as the
+        official release): `PeftModel.from_pretrained(AutoModel.from_pretrained(base), save_directory)` gives this
+        model's decoder (its LoRA; bidirectional attention and the pooling are not part of an adapter)."""
+        if not self.config.lora_r:
+            raise ValueError("this model has no LoRA (lora_r=0): there is no adapter to save")
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter_config = self.decoder.peft_config["default"]
+        adapter_config.base_model_name_or_path = self.config.base_model_name_or_path
+        state = get_peft_model_state_dict(self.decoder)
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        adapter_config.save_pretrained(save_directory)
+        save_file({f"base_model.model.{key}": value.detach().contiguous() for key, value in state.items()},
+                  str(Path(save_directory, "adapter_model.safetensors")), metadata={"format": "pt"})
+
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
 
@@ -251,8 +309,9 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             raise ValueError(f"empty batch: got inputs of shape {shape}; pass at least one text of one token")
         positions = getattr(self.config.decoder_config, "max_position_embeddings", None) or self.config.max_length
         if shape[1] > min(self.config.max_length, positions):
-            raise ValueError(f"sequence length {shape[1]} is over max_length={self.config.max_length} (the decoder "
-                             f"has {positions} positions); tokenize with truncation=True to cut longer texts")
+            raise ValueError(f"inputs of shape (batch, sequence) = {shape}: the sequence length {shape[1]} is over "
+                             f"max_length={self.config.max_length} (the decoder has {positions} positions); "
+                             "tokenize with truncation=True to cut longer texts")
         if attention_mask is not None and tuple(attention_mask.shape) != shape:
             raise ValueError(f"attention_mask must have the inputs' shape {shape}, got {tuple(attention_mask.shape)}")
         return shape

@@ -23,8 +23,6 @@ import torch.nn.functional as F
 
 from ...data.text import build_word_tokenizer
 from ...engine import Recipe, TrainingArguments, fit
-from ...registry import get_method
-from . import ARMS
 from .configuration_llm_embedding import LLMEmbeddingConfig
 from .modeling_llm_embedding import LLMEmbeddingModel, pad_left, tokenize
 
@@ -111,7 +109,7 @@ class CausalLMRecipe(Recipe):
     def collate(self, examples):
         return collate_texts(examples, self.pad_token_id)["text"]
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         return self._loss(model, batch).mean()
 
     def _loss(self, model, batch) -> torch.Tensor:
@@ -140,7 +138,8 @@ def pretrain_decoder(decoder_config, tokenizer, datasets, output_dir: str, seed:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(decoder_config)
     recipe = CausalLMRecipe()
-    args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False,
+    # A stage that did not finish (no config.json) starts over: its folder is only a cache of the result.
+    args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False, overwrite_output_dir=True,
                              **{**CausalLMRecipe.defaults, **settings})
     fit(model, datasets, recipe, args, tokenizer)
     from accelerate import PartialState
@@ -148,11 +147,6 @@ def pretrain_decoder(decoder_config, tokenizer, datasets, output_dir: str, seed:
     if PartialState().is_main_process:  # the decoder is saved; its resume state is no longer needed
         shutil.rmtree(Path(output_dir, "checkpoints"), ignore_errors=True)
     return output_dir
-
-
-# CPU-sized training for the tiny presets: a fresh decoder warmed up on the embedded texts, then a few epochs.
-_TINY_TRAINING = {"learning_rate": 2e-3, "warmup_steps": 10, "per_device_train_batch_size": 32,
-                  "gradient_accumulation_steps": 1, "num_epochs": 3, "mixed_precision": "no", "pretrain_epochs": 4}
 
 
 @dataclass
@@ -164,17 +158,12 @@ class LLMEmbeddingRecipe(Recipe):
     cache_chunk_size: int = 16  # texts per forward with a graph, under gradient_cache
     truncation: bool = False  # cut texts over the config's max_length instead of failing
 
-    # The paper's optimiser (per-device batch 1 x accumulation 256 x 8 GPUs = 2,048; 1,000 steps, bf16).
-    defaults = {"learning_rate": 1e-5, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 100,
-                "per_device_train_batch_size": 1, "gradient_accumulation_steps": 256, "num_epochs": 1,
-                "mixed_precision": "bf16"}
-    preset_defaults = {preset: _TINY_TRAINING for preset in ("tiny", *(f"tiny-{arm}" for arm in ARMS))}
     metric = "accuracy"
     columns = TEXT_FIELDS
     processor_class = "AutoTokenizer"
 
-    def build_model(self, slug, preset, datasets, config_overrides, args):
-        values = {**get_method(slug).preset(preset), **config_overrides}
+    def build_model(self, preset, datasets, args):
+        values = dict(preset.values)
         if self.base_model is not None:
             values.pop("decoder_config", None)
             model = LLMEmbeddingModel.from_decoder(self.base_model, **values)
@@ -202,13 +191,13 @@ class LLMEmbeddingRecipe(Recipe):
     def collate(self, examples):
         return collate_texts(examples, self.pad_token_id)
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         q, p, n = (gather_with_grad(model(**batch[field]).embeddings) for field in TEXT_FIELDS)
         return info_nce(q, p, n, self.temperature)
 
-    def backward(self, accelerator, model, batch, step_rng):
+    def backward(self, accelerator, model, batch, step_rng, state):
         if not self.gradient_cache:
-            return super().backward(accelerator, model, batch, step_rng)
+            return super().backward(accelerator, model, batch, step_rng, state)
         chunks = [(field, {k: v[i:i + self.cache_chunk_size] for k, v in batch[field].items()})
                   for field in TEXT_FIELDS for i in range(0, len(batch[field]["input_ids"]), self.cache_chunk_size)]
         # 1) every embedding without a graph, remembering the RNG so that dropout repeats in step 3

@@ -1,6 +1,6 @@
 """READ: "Reasoning to Attend: Try to Understand How <SEG> Token Works" (Qian et al., CVPR 2025, arXiv 2412.17741)."""
 
-from ...registry import MethodRecord, lazy_exports
+from ...registry import MethodRecord, Preset, lazy_exports
 
 _MODULE = "hfpapers.methods.read"
 
@@ -51,6 +51,15 @@ _TINY = {
     "seg_token_index": 5, "num_points": 16, "down_sample": 2, "lora_r": 0,
 }
 
+# The official training arguments (LISA / READ scripts).
+_PAPER_TRAINING = {"learning_rate": 3e-4, "weight_decay": 0.0, "lr_scheduler": "linear", "warmup_steps": 100,
+                   "per_device_train_batch_size": 2, "gradient_accumulation_steps": 10, "num_epochs": 20,
+                   "mixed_precision": "bf16", "max_grad_norm": 1.0}
+# CPU-sized training of the tiny presets, from scratch.
+_TINY_TRAINING = {**_PAPER_TRAINING, "learning_rate": 2e-3, "warmup_steps": 20, "per_device_train_batch_size": 16,
+                  "gradient_accumulation_steps": 1, "num_epochs": 3, "mixed_precision": "no", "train_all": True,
+                  "lr_scheduler": "cosine", "sam_pretrain_epochs": 6}
+
 RECORD = MethodRecord(
     slug="read",
     title="Reasoning to Attend: Try to Understand How <SEG> Token Works",
@@ -64,19 +73,20 @@ RECORD = MethodRecord(
     processor_class=f"{_MODULE}.processing_read.READProcessor",
     pipeline_class=f"{_MODULE}.pipeline_read.ReasoningSegmentationPipeline",
     presets={
-        "tiny": _TINY,
-        "tiny-lisa": {**_TINY, "use_sasp": False},
-        "read-7b": {"llava_config": _llava(_VICUNA_7B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
-                    "num_points": 30, "down_sample": 2, "t_pos": 0.8},
+        "tiny": Preset(_TINY, _TINY_TRAINING),
+        "tiny-lisa": Preset({**_TINY, "use_sasp": False}, _TINY_TRAINING),
+        "read-7b": Preset({"llava_config": _llava(_VICUNA_7B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
+                           "num_points": 30, "down_sample": 2, "t_pos": 0.8}, _PAPER_TRAINING),
         # The official code's setting for the 13B ReasonSeg test set.
-        "read-13b": {"llava_config": _llava(_VICUNA_13B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
-                     "num_points": 60, "down_sample": 1, "t_pos": 0.6},
+        "read-13b": Preset({"llava_config": _llava(_VICUNA_13B), "sam_config": _SAM_VIT_H, "seg_token_index": 32064,
+                            "num_points": 60, "down_sample": 1, "t_pos": 0.6}, _PAPER_TRAINING),
     },
     default_preset="tiny",
     paper_presets=("read-7b", "read-13b"),
     dataset="referring_scenes",
     dataset_kwargs={"num_train": 1024, "num_test": 128},
     recipe=f"{_MODULE}.recipe.READRecipe",
+    converter=f"{_MODULE}.convert_read",
     official_code="https://github.com/rui-qian/READ",
     license="Apache-2.0",
     weights_license="Apache-2.0 (READ); LLaVA-1.5 weights follow the Llama 2 licence; SAM is Apache-2.0",
@@ -98,4 +108,10 @@ RECORD = MethodRecord(
 
 
 # Exports load lazily: the record above must stay importable without torch.
-__getattr__ = lazy_exports(__name__, ("configuration_read", "modeling_read", "processing_read", "pipeline_read"))
+__getattr__ = lazy_exports(__name__, {
+    "configuration_read": ("READConfig",),
+    "modeling_read": ("READForReasoningSegmentation", "READOutput", "READPreTrainedModel", "SimilarityAsPoints",
+                      "SEG_TOKEN", "dice_loss", "postprocess_masks", "sigmoid_ce_loss", "resize_longest_side",),
+    "processing_read": ("READProcessor",),
+    "pipeline_read": ("ReasoningSegmentationPipeline", "save_overlay",),
+})

@@ -1,8 +1,7 @@
 """Convert a released READ checkpoint (github.com/rui-qian/READ; LISA and SESAME checkpoints share the layout) into a
 folder of `READForReasoningSegmentation` (children `llava`, `sam`, `text_hidden_fcs`) and its `READProcessor`:
 
-    python -m hfpapers.methods.read.convert_read --checkpoint READ-LLaVA-v1.5-7B-for-ReasonSeg-valset \
-        --vision-tower clip-vit-large-patch14-336 --output read-7b
+    hfpapers convert read READ-LLaVA-v1.5-7B-for-ReasonSeg-valset read-7b --vision-tower clip-vit-large-patch14-336
 
 What the released folders hold. `merge_lora_weights_and_save_hf_model.py` merges the LoRA, then saves
 `READForCausalLM.state_dict()` with `save_pretrained` (transformers 4.31, bf16), *leaving out every key that contains
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...checkpoints import listing, strip_wrapper_prefixes
+from ...checkpoints import check_state_dict, listing, load_state_dict_checked, strip_wrapper_prefixes
 
 EXPECTED_LAYOUT = (
     "a merged READ/LISA/SESAME checkpoint as merge_lora_weights_and_save_hf_model.py writes it: model.embed_tokens.*, "
@@ -293,27 +292,13 @@ def _fit_to_adapters(converted: dict[str, torch.Tensor], model: nn.Module, targe
     return fitted, kept
 
 
-def check_fit(converted: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
-    """Raise one ValueError listing the target keys nothing filled, the converted keys the target lacks and the shape
-    mismatches (`target`: a model's state dict, meta tensors will do)."""
-    missing = [key for key in target if key not in converted]
-    unexpected = [key for key in converted if key not in target]
-    mismatched = [f"{key} {tuple(converted[key].shape)} vs model {tuple(target[key].shape)}"
-                  for key in converted if key in target and converted[key].shape != target[key].shape]
-    if missing or unexpected or mismatched:
-        lines = ["the converted READ checkpoint does not fit the model:"]
-        if missing:
-            lines.append(f"  {len(missing)} model keys nothing filled: {listing(missing, 20)}")
-            if any(key.startswith(CLIP_TOWER) for key in missing):
-                lines.append(f"  ({CLIP_HINT})")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} converted keys the model lacks: {listing(unexpected, 20)}")
-        if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatches: {listing(mismatched, 20)}")
-            if any("embed_tokens" in entry or "lm_head" in entry for entry in mismatched):
-                lines.append("  (the vocabulary differs: build the model with the checkpoint's vocab_size, i.e. "
-                             "the tokenizer of the release with its added [SEG] token)")
-        raise ValueError("\n".join(lines))
+def _fit_hints(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    """What a READ release's usual misfits mean (for `hfpapers.checkpoints.check_state_dict`)."""
+    hints = [CLIP_HINT] if any(key.startswith(CLIP_TOWER) for key in missing) else []
+    if any("embed_tokens" in entry or "lm_head" in entry for entry in mismatched):
+        hints.append("The vocabulary differs: build the model with the checkpoint's vocab_size, i.e. the tokenizer "
+                     "of the release with its added [SEG] token")
+    return hints
 
 
 def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
@@ -324,8 +309,7 @@ def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     converted = convert_read_state_dict(state_dict, vision_tower_state_dict=vision_tower_state_dict)
     target = model.state_dict()
     converted, kept = _fit_to_adapters(converted, model, target)
-    check_fit(converted, target)
-    model.load_state_dict(converted, strict=True)
+    load_state_dict_checked(model, converted, "the converted READ checkpoint", hints=_fit_hints)
     return kept
 
 
@@ -633,7 +617,7 @@ def convert_read_checkpoint(checkpoint_dir: str | Path, vision_tower_dir: str | 
     config.validate_read()
     with torch.device("meta"):
         target = READForReasoningSegmentation(config).state_dict()
-    check_fit(converted, target)
+    check_state_dict(converted, target, "the converted READ checkpoint", hints=_fit_hints)
     model = READForReasoningSegmentation.from_pretrained(None, config=config, state_dict=converted, dtype=dtype)
     model.eval()
     if output_dir is not None:
@@ -642,16 +626,12 @@ def convert_read_checkpoint(checkpoint_dir: str | Path, vision_tower_dir: str | 
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Convert a released READ/LISA checkpoint folder (merge_lora_weights_and_save_hf_model.py: "
-                    "config.json, tokenizer, *.safetensors) into a READForReasoningSegmentation folder that loads "
-                    "with AutoModel / AutoProcessor.")
-    parser.add_argument("--checkpoint", required=True, help="the release's folder")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hfpapers convert read CHECKPOINT_DIR OUTPUT_DIR` (CHECKPOINT_DIR: the release's folder as
+    merge_lora_weights_and_save_hf_model.py writes it: config.json, tokenizer, *.safetensors)."""
     parser.add_argument("--vision-tower", required=True,
                         help="the CLIP it was trained with, absent from releases (a CLIPVisionModel/CLIPModel folder "
                              "with *.safetensors and preprocessor_config.json: openai/clip-vit-large-patch14-336)")
-    parser.add_argument("--output", required=True, help="folder for the converted model and processor")
     parser.add_argument("--sam-config", help="a SamModel folder or config.json for SAM's config (default: SAM ViT-H, "
                                              "the official sam_vit_h_4b8939.pth)")
     parser.add_argument("--conversation", choices=sorted(SYSTEM_PROMPTS), default="llava_v1",
@@ -665,26 +645,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--down-sample", type=int)
     parser.add_argument("--t-pos", type=float)
     parser.add_argument("--t-neg", type=float)
-    args = parser.parse_args(argv)
-    overrides = {name: value for name, value in (("num_points", args.num_points), ("down_sample", args.down_sample),
-                                                 ("t_pos", args.t_pos), ("t_neg", args.t_neg)) if value is not None}
-    if args.lisa:
-        overrides["use_sasp"] = False
-    try:
-        sam_config = None
-        if args.sam_config:
-            from transformers import SamConfig
 
-            sam_config = SamConfig.from_pretrained(args.sam_config)
-        model = convert_read_checkpoint(args.checkpoint, args.vision_tower, sam_config, output_dir=args.output,
-                                        conversation=args.conversation, dtype=args.dtype, **overrides)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+
+def convert(checkpoint: str | Path, output_dir: str | Path, vision_tower: str | Path, sam_config: str | None = None,
+            conversation: str = "llava_v1", dtype: str = "auto", lisa: bool = False, **settings) -> str:
+    """`convert_read_checkpoint` for `hfpapers convert` (`sam_config`: a SamModel folder or config.json path;
+    `settings`: num_points, down_sample, t_pos, t_neg, None for the release's): returns what was written."""
+    overrides = {name: value for name, value in settings.items() if value is not None}
+    if lisa:
+        overrides["use_sasp"] = False
+    if sam_config is not None:
+        from transformers import SamConfig
+
+        sam_config = SamConfig.from_pretrained(sam_config)
+    model = convert_read_checkpoint(checkpoint, vision_tower, sam_config, output_dir=output_dir,
+                                    conversation=conversation, dtype=dtype, **overrides)
     config = model.config
-    print(f"wrote {args.output}: [SEG] = {config.seg_token_index}, <image> = "
-          f"{config.llava_config.image_token_index}, use_sasp = {config.use_sasp}, dtype = {model.dtype}")
+    return (f"wrote {output_dir}: [SEG] = {config.seg_token_index}, <image> = "
+            f"{config.llava_config.image_token_index}, use_sasp = {config.use_sasp}, dtype = {model.dtype}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hfpapers.methods.read.convert_read ...`: `hfpapers convert read ...`."""
+    from ...cli import main as cli_main
+
+    return cli_main(["convert", "read", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from ...engine import Recipe, TrainingArguments, fit
-from ...registry import get_method
 from .configuration_read import READConfig
 from .metrics import ious_from_counts
 from .modeling_read import (SEG_TOKEN, READForReasoningSegmentation, dice_loss, postprocess_masks,
@@ -208,7 +207,7 @@ class SamPointRecipe(Recipe):
         return [postprocess_masks(low_res, size, *mask.shape)[0, 0]
                 for low_res, mask in zip(out.pred_masks, batch["masks"])]
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         logits = self._mask_logits(model, batch, step_rng)
         return torch.stack([2.0 * sigmoid_ce_loss(p[None], t[None])[0] + 0.5 * dice_loss(p[None], t[None])[0]
                             for p, t in zip(logits, batch["masks"])]).mean()
@@ -229,7 +228,8 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
 
     if not Path(output_dir, "config.json").exists():
         torch.manual_seed(seed)
-        args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False,
+        # A stage that did not finish (no config.json) starts over: its folder is only a cache of the result.
+        args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False, overwrite_output_dir=True,
                                  **{**SamPointRecipe.defaults, **settings})
         sam = SamModel(sam_config)
         # What point prompts never reach (mask and box prompts, the IoU head) stays as initialised, so that every
@@ -246,12 +246,6 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
     return SamModel.from_pretrained(output_dir)
 
 
-# CPU-sized training of the tiny preset, from scratch (the official defaults are in `defaults`).
-_TINY_TRAINING = {"learning_rate": 2e-3, "warmup_steps": 20, "per_device_train_batch_size": 16,
-                  "gradient_accumulation_steps": 1, "num_epochs": 3, "mixed_precision": "no", "train_all": True,
-                  "lr_scheduler": "cosine", "sam_pretrain_epochs": 6}
-
-
 @dataclass
 class READRecipe(Recipe):
     base_llava: str | None = None  # LLaVA-1.5-style Hub id or folder; None: a LLaVA trained from scratch
@@ -259,16 +253,12 @@ class READRecipe(Recipe):
     train_all: bool = False  # train all of LLaVA, not just its LoRA (for a LLaVA trained from scratch)
     sam_pretrain_epochs: int = 0  # first train a SAM from scratch on point prompts (no base_sam)
 
-    defaults = {"learning_rate": 3e-4, "weight_decay": 0.0, "lr_scheduler": "linear", "warmup_steps": 100,
-                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 10, "num_epochs": 20,
-                "mixed_precision": "bf16", "max_grad_norm": 1.0}
-    preset_defaults = {"tiny": _TINY_TRAINING, "tiny-lisa": _TINY_TRAINING}
     metric = "giou"
     columns = ("image", "question", "answer", "mask")
     processor_class = "AutoProcessor"
 
-    def build_model(self, slug, preset, datasets, config_overrides, args):
-        values = {**get_method(slug).preset(preset), **config_overrides}
+    def build_model(self, preset, datasets, args):
+        values = dict(preset.values)
         if self.base_llava is not None:
             if self.base_sam is None:
                 raise ValueError("a pretrained LLaVA (base_llava) needs a pretrained SAM too: set base_sam")

@@ -3,9 +3,10 @@
 The official code saves `torch.save(model.state_dict(), path)`: a raw state dict of its `BottleneckMLP` (keys
 `linear_in.*`, `blocks.{i}.block.{0,2}.*`, `layernorms.{i}.*`, `linear_out.*`), with the training arguments as
 JSON (`config.txt`, or `<name>_config` for the released files) next to it. Our body lives under `mlp.`, so the
-conversion is a renaming; everything else here checks that the file really is the architecture we build.
+conversion is a renaming; the rest here reads the architecture off the weights and checks it against the name and
+JSON.
 
-    python -m hfpapers.methods.scaling_mlp.convert_scaling_mlp CHECKPOINT OUTPUT_DIR --model-name B_12-Wi_1024 \
+    hfpapers convert scaling-mlp CHECKPOINT OUTPUT_DIR --model-name B_12-Wi_1024 \
         [--config config.txt] [--dataset cifar10|cifar100|imagenet|imagenet21]
 """
 
@@ -79,55 +80,10 @@ def config_from_official(
     )
 
 
-def official_shapes(config: ScalingMLPConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of the official `BottleneckMLP` state dict for `config`, with its shape."""
-    thin, wide = config.hidden_size, config.expansion_factor * config.hidden_size
-    shapes = {
-        "linear_in.weight": (thin, config.input_dim),
-        "linear_in.bias": (thin,),
-        "linear_out.weight": (config.num_labels, thin),
-        "linear_out.bias": (config.num_labels,),
-    }
-    norm_shapes = {
-        "layer": {"weight": (thin,), "bias": (thin,)},
-        "batch": {"weight": (thin,), "bias": (thin,), "running_mean": (thin,), "running_var": (thin,),
-                  "num_batches_tracked": ()},
-        "none": {},  # nn.Identity has no state
-    }[config.norm_type]
-    for i in range(config.num_blocks):
-        shapes[f"blocks.{i}.block.0.weight"] = (wide, thin)
-        shapes[f"blocks.{i}.block.0.bias"] = (wide,)
-        shapes[f"blocks.{i}.block.2.weight"] = (thin, wide)
-        shapes[f"blocks.{i}.block.2.bias"] = (thin,)
-        for name, shape in norm_shapes.items():
-            shapes[f"layernorms.{i}.{name}"] = shape
-    return shapes
-
-
-def convert_state_dict(official: Mapping[str, torch.Tensor], config: ScalingMLPConfig) -> dict[str, torch.Tensor]:
-    """Rename an official state dict to ours (`mlp.` in front of everything but `linear_out`).
-
-    Raises ValueError naming every missing key, unexpected key and shape mismatch against what `config` expects.
-    """
+def convert_state_dict(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official state dict to ours: `mlp.` in front of everything but `linear_out` (the keys and shapes
+    are checked when it loads, `hfpapers.checkpoints.load_state_dict_checked`)."""
     state_dict = checkpoints.strip_wrapper_prefixes(official)
-    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"expected a state dict of tensors; not tensors: {checkpoints.listing(not_tensors)}")
-    expected = official_shapes(config)
-    problems = []
-    if missing := expected.keys() - state_dict.keys():
-        problems.append(f"missing keys: {checkpoints.listing(missing)}")
-    if unexpected := state_dict.keys() - expected.keys():
-        problems.append(f"unexpected keys: {checkpoints.listing(unexpected)}")
-    mismatched = [
-        f"{key} expected {expected[key]} got {tuple(state_dict[key].shape)}"
-        for key in sorted(expected.keys() & state_dict.keys())
-        if tuple(state_dict[key].shape) != expected[key]
-    ]
-    if mismatched:
-        problems.append(f"shape mismatch: {checkpoints.listing(mismatched)}")
-    if problems:
-        raise ValueError(f"checkpoint does not match the config ({_describe(config)}): " + "; ".join(problems))
     return {(key if key.startswith("linear_out.") else f"mlp.{key}"): tensor for key, tensor in state_dict.items()}
 
 
@@ -266,31 +222,37 @@ def convert_checkpoint(
     config = config_for_checkpoint(official, model_name, config_json, id2label)
     processor = image_processor_for(config, dataset)
     model = ScalingMLPForImageClassification(config)
-    model.load_state_dict(convert_state_dict(official, config), strict=True)
+    checkpoints.load_state_dict_checked(model, convert_state_dict(official),
+                                        f"the checkpoint ({_describe(config)})")
     model.eval()
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="official weights file (torch.save state dict, or .safetensors)")
-    parser.add_argument("output_dir", help="folder to write the save_pretrained model into")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hfpapers convert scaling-mlp CHECKPOINT OUTPUT_DIR` (CHECKPOINT: a torch.save state dict or
+    .safetensors file)."""
     parser.add_argument(
         "--model-name", help="official architecture name, e.g. B_12-Wi_1024 (checked against the weights)"
     )
     parser.add_argument("--config", help="official JSON config (config.txt / *_config), checked against the weights")
     parser.add_argument("--dataset", choices=sorted(DATASET_MEAN_STD),
                         help="dataset whose normalisation to use (default: the one with the head's class count)")
-    args = parser.parse_args(argv)
-    try:
-        model = convert_checkpoint(args.checkpoint, args.output_dir, args.model_name, args.config, dataset=args.dataset)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    print(f"wrote {_describe(model.config)} ({model.num_parameters():,} parameters) to {args.output_dir}")
-    return 0
+
+
+def convert(checkpoint: str | Path, output_dir: str | Path, model_name: str | None = None,
+            config: str | Path | None = None, dataset: str | None = None) -> str:
+    """`convert_checkpoint` for `hfpapers convert`: returns what was written."""
+    model = convert_checkpoint(checkpoint, output_dir, model_name, config, dataset=dataset)
+    return f"wrote {_describe(model.config)} ({model.num_parameters():,} parameters) to {output_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hfpapers.methods.scaling_mlp.convert_scaling_mlp ...`: `hfpapers convert scaling-mlp ...`."""
+    from ...cli import main as cli_main
+
+    return cli_main(["convert", "scaling-mlp", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

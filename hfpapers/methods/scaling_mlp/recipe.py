@@ -57,11 +57,6 @@ class ScalingMLPRecipe(ImageClassificationRecipe):
     optimizer: str = "lion"  # lion (pre-training) | sgd (fine-tuning, momentum 0.9) | adamw
     betas: tuple[float, float] = (0.9, 0.99)
 
-    # The paper's pre-training arguments; `preset_defaults` scales them down for the CPU-sized preset.
-    defaults = {"learning_rate": 5e-5, "weight_decay": 0.0, "lr_scheduler": "constant",
-                "per_device_train_batch_size": 16384, "num_epochs": 800}
-    preset_defaults = {"tiny": {"learning_rate": 3e-4, "per_device_train_batch_size": 64, "num_epochs": 20,
-                                "lr_scheduler": "cosine", "warmup_steps": 20, "crop_scale": (0.35, 1.0)}}
     metric = "accuracy"
 
     def build_optimizer(self, model, args):
@@ -78,7 +73,7 @@ class ScalingMLPRecipe(ImageClassificationRecipe):
         images = random_resized_crop(pixel_values, self.crop_scale, self.crop_ratio, generator)
         return horizontal_flip(images, generator) if self.horizontal_flip else images
 
-    def compute_loss(self, model, batch, step_rng):
+    def compute_loss(self, model, batch, step_rng, state):
         images, labels = self.augment(batch["pixel_values"], step_rng), batch["labels"]
         if self.mixup_alpha <= 0:
             logits = model(pixel_values=images).logits
