@@ -1,4 +1,4 @@
-"""The `hfpapers` command: list | info | train | run | eval | card | push | pull | hub serve | zoo build.
+"""The `hfpapers` command: list | info | train | run | eval | card | push | pull | hub serve | zoo build | new.
 
 Errors print one line on stderr and exit with status 1 (2 for bad usage, as argparse does).
 """
@@ -136,7 +136,8 @@ def cmd_run(args) -> None:
     dataset_kwargs = key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None
     result = run(args.method, args.model, args.output_dir, preset=args.preset, dataset=args.dataset,
                  dataset_kwargs=dataset_kwargs, columns=column_map(args.column),
-                 settings=key_values(args.set, "--set"), **options)
+                 settings=key_values(args.set, "--set"), overwrite_output_dir=args.overwrite_output_dir,
+                 **options)
     state = PartialState()
     if state.is_main_process:
         print(json.dumps({"output_dir": args.output_dir, "metrics": result.metrics}))
@@ -154,6 +155,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the method's config (see `hfpapers info <method>`), repeatable")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="run into the folder of an earlier run, replacing it")
     # The runner's own options, when the method is named on the command line (so that --help lists them too).
     slug = next((a for a in argv[argv.index("run") + 1:] if not a.startswith("-")), None) if "run" in argv else None
     if slug is not None:
@@ -168,7 +171,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 RUN_COMMON = {"command", "func", "method", "model", "output_dir", "preset", "dataset", "dataset_option", "column",
-              "set"}
+              "set", "overwrite_output_dir"}
 
 
 def cmd_eval(args) -> None:
@@ -231,6 +234,16 @@ def cmd_convert(args) -> None:
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "func", "method", "checkpoint", "output_dir")}
     print(converter(args.method).convert(args.checkpoint, args.output_dir, **options))
+
+
+def cmd_new(args) -> None:
+    from .scaffold import new_method
+
+    written = new_method(args.slug, args.kind, title=args.title, arxiv=args.arxiv, root=args.root)
+    root = Path(args.root)
+    print("\n".join(str(path.relative_to(root)) for path in written))
+    print(f"A draft {args.kind} method: replace every TODO (grep -rn TODO on the files above), then see the "
+          "README's 'Adding a method' for what done means.")
 
 
 def cmd_zoo_build(args) -> None:
@@ -320,6 +333,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="zoo")
     p.add_argument("--method", action="append", help="only these methods (repeatable)")
     p.set_defaults(func=cmd_zoo_build)
+
+    p = sub.add_parser("new", help="start a new method: its folder, record, card prose, test and reproduction stub",
+                       description="Write a draft method from the templates of its kind (status='draft': not listed "
+                                   "or registered until it is done). Nothing is written if any target exists.")
+    p.add_argument("slug", help="lowercase words joined by hyphens, e.g. scaling-mlp (the folder is scaling_mlp)")
+    p.add_argument("--kind", required=True, choices=["model", "diffusers", "adapter", "procedure", "analysis"])
+    p.add_argument("--title", help="the paper's title")
+    p.add_argument("--arxiv", help="the paper's arXiv id, e.g. 2306.13575")
+    p.add_argument("--root", default=".", help="the repository root (default: the current directory)")
+    p.set_defaults(func=cmd_new)
     return parser
 
 

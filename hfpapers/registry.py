@@ -26,6 +26,9 @@ KIND_LIBRARY = {"model": "transformers", "diffusers": "diffusers", "adapter": "p
 # Kinds whose entry point is a `Recipe` trained by the engine (`hfpapers train`); the others run a
 # `hfpapers.runs.Runner` (`hfpapers run`).
 TRAINED_KINDS = ("model", "diffusers", "adapter")
+# A "draft" record is a method being written (`hfpapers new` makes one): `get_method` finds it, so its developer
+# can build and train it, but it is not listed, zoo-built or registered with transformers. A draft never lands.
+STATUSES = ("complete", "draft")
 
 __all__ = ["MethodRecord", "Preset", "ResolvedPreset", "list_methods", "get_method", "create_model", "register_with_transformers",
            "register_record", "RegistrationError"]
@@ -62,12 +65,17 @@ class ResolvedPreset:
     config_class: type | None  # None for diffusers models, which carry their own configs
     model_class: type
     processor_factory: Any = None  # config -> image processor / tokenizer / processor, or None
+    # every Auto class of the method -> "modeling_<x>.<Class>": a saved model then loads without hfpapers through
+    # any of them (transformers itself writes only the saved class's entry)
+    auto_map: Mapping[str, str] = field(default_factory=dict)
 
     def merged(self, **derived: Any) -> dict[str, Any]:
         return {**self.values, **derived, **self.overrides}
 
     def new_config(self, **derived: Any):
-        return self.config_class(**self.merged(**derived))
+        config = self.config_class(**self.merged(**derived))
+        config.auto_map = dict(self.auto_map)
+        return config
 
     def new_model(self, **derived: Any):
         if self.config_class is None:  # diffusers: the model builds its components from their configs
@@ -113,13 +121,15 @@ class MethodRecord:
     processor_class: str | None = None  # dotted path of the method's own ProcessorMixin, registered with AutoProcessor
     pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
     converter: str | None = None  # dotted path of the module whose `main(argv)` converts official checkpoints
-    status: str = "complete"
+    status: str = "complete"  # one of STATUSES
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
 
     def __post_init__(self):
         problems = []
         if self.kind not in KIND_LIBRARY:
             problems.append(f"kind {self.kind!r} is not one of {', '.join(KIND_LIBRARY)}")
+        if self.status not in STATUSES:
+            problems.append(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
         if self.kind in TRAINED_KINDS and not self.recipe:
             problems.append(f"a {self.kind!r} record needs a recipe")
         if self.kind not in TRAINED_KINDS and not self.runner:
@@ -186,7 +196,9 @@ class MethodRecord:
             name=name, values={**preset.config, **overrides}, overrides=overrides, training=dict(preset.training),
             config_class=self.load(self.config_class) if self.kind == "model" else None,
             model_class=self.load(self.model_classes[head]),
-            processor_factory=self.load(self.processor) if self.processor else None)
+            processor_factory=self.load(self.processor) if self.processor else None,
+            auto_map={name: ".".join(dotted.split(".")[-2:]) for name, dotted in
+                      {"AutoConfig": self.config_class, **self.model_classes}.items()} if self.kind == "model" else {})
 
     def get_preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -264,8 +276,9 @@ def _records() -> Mapping[str, MethodRecord]:
     return _RECORDS
 
 
-def list_methods() -> list[MethodRecord]:
-    return list(_records().values())
+def list_methods(include_drafts: bool = False) -> list[MethodRecord]:
+    """The records of every method, sorted by slug; drafts (methods still being written) only when asked for."""
+    return [r for r in _records().values() if include_drafts or r.status != "draft"]
 
 
 def get_method(slug: str) -> MethodRecord:
@@ -277,7 +290,7 @@ def get_method(slug: str) -> MethodRecord:
 
 def method_for_model_type(model_type: str | None) -> MethodRecord:
     """The record whose models have `model_type` ("hfp-<slug>")."""
-    for record in list_methods():
+    for record in list_methods(include_drafts=True):
         if record.model_type == model_type:
             return record
     raise KeyError(f"model_type {model_type!r} is not an hfpapers model; known: "
@@ -317,7 +330,8 @@ _lock = threading.RLock()
 
 
 def register_with_transformers() -> None:
-    """Register every record's classes with the transformers Auto classes (idempotent).
+    """Register every listed record's classes with the transformers Auto classes (idempotent; drafts are not
+    registered, so a method still being written cannot break the others).
 
     Also marks them for `auto_map`, so `save_pretrained` writes the modeling files next to the weights
     and the checkpoint loads with `trust_remote_code=True` where hfpapers is not installed. A method whose

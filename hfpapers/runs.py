@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -96,10 +97,28 @@ def write_results(output_dir: str | Path, slug: str, result: RunResult, run_info
     return cards.write_run_card(output_dir, slug)
 
 
+def _start_output_dir(output: Path, overwrite: bool, process) -> None:
+    """Refuse a used folder; with `overwrite`, empty an earlier run's folder (one holding its run file) only."""
+    entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if entries:
+        if not overwrite:
+            raise FileExistsError(f"{output} is not empty (it holds {', '.join(entries[:5])}); pass "
+                                  "overwrite_output_dir=True (--overwrite-output-dir) to run into it anew")
+        if RUN_FILE not in entries:
+            raise FileExistsError(f"{output} is not the folder of an earlier run (no {RUN_FILE}); it is left as it "
+                                  "is: choose an empty --output-dir")
+        process.wait_for_everyone()  # every process has looked before the main one deletes
+        if process.is_main_process:
+            shutil.rmtree(output)
+    process.wait_for_everyone()
+
+
 def run(slug: str, model: str, output_dir: str, *, preset: str | None = None, dataset: str | None = None,
         dataset_kwargs: dict[str, Any] | None = None, columns: dict[str, str] | None = None,
-        settings: dict[str, Any] | None = None, **options) -> RunResult:
-    """Run the procedure or analysis `slug` on `model` and write its run folder (main process only)."""
+        settings: dict[str, Any] | None = None, overwrite_output_dir: bool = False, **options) -> RunResult:
+    """Run the procedure or analysis `slug` on `model` and write its run folder (main process only).
+
+    A non-empty `output_dir` is refused, unless `overwrite_output_dir` and it is an earlier run's folder."""
     from accelerate import PartialState
 
     from . import data
@@ -114,9 +133,10 @@ def run(slug: str, model: str, output_dir: str, *, preset: str | None = None, da
     dataset = dataset or record.dataset
     if dataset_kwargs is None:
         dataset_kwargs = dict(record.dataset_kwargs) if dataset == record.dataset else {}
+    output = Path(output_dir)
+    _start_output_dir(output, overwrite_output_dir, PartialState())
     datasets = data.load(dataset, columns=dict(columns or {}), **dataset_kwargs)
     runner = record.load(record.runner)()
-    output = Path(output_dir)
     result = runner.run(config, str(model), datasets, output, **options)
     if PartialState().is_main_process:
         info = {"preset": preset, "model": str(model), "dataset": dataset, "dataset_kwargs": dataset_kwargs,

@@ -86,3 +86,21 @@ def test_run_errors_are_one_line(args, message):
     proc = run_cli(*args, check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr
+
+
+def test_run_refuses_a_used_folder_and_overwrites_only_an_earlier_run(trained_folder, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    args = ["run", "gs-lora", "--model", trained_folder, "--tasks", "circle", "--set", "num_epochs=1",
+            "--set", "few_shot=8", "--set", "batch_size=8", *small_dataset_args()]
+    proc = run_cli(*args, "--output-dir", used, check=False)
+    assert proc.returncode == 1 and "is not empty (it holds notes.txt)" in proc.stderr
+    proc = run_cli(*args, "--output-dir", used, "--overwrite-output-dir", check=False)
+    assert proc.returncode == 1 and "is not the folder of an earlier run" in proc.stderr
+    assert (used / "notes.txt").read_text() == "mine"
+    out = tmp_path / "out"
+    run_cli(*args, "--output-dir", out)
+    (out / "stale.txt").write_text("from the first run")
+    run_cli(*args, "--output-dir", out, "--overwrite-output-dir")
+    assert not (out / "stale.txt").exists() and (out / "results.json").exists()

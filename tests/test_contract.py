@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 
 import hfpapers
 from hfpapers.registry import KIND_LIBRARY, TRAINED_KINDS, Preset
+from hfpapers.testing.tiny import bad_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "hfpapers"
@@ -171,3 +172,64 @@ def test_import_rules():
             elif relative[0] != "methods" and path.name != "registry.py" and name.startswith("hfpapers.methods"):
                 broken.append(where + " (the core reaching a method outside the registry)")
     assert not broken, "\n".join(broken)
+
+
+BAD_INPUT_CASES = [(record, auto_name, i) for record in RECORDS if record.kind == "model"
+                   for auto_name in record.model_classes
+                   for i in range(len(bad_inputs(record.task, record.load(record.config_class)(**record.preset("tiny")))))]
+
+
+@pytest.mark.parametrize(("record", "auto_name", "case"), BAD_INPUT_CASES,
+                         ids=[f"{r.slug}-{a}-{i}" for r, a, i in BAD_INPUT_CASES])
+def test_bad_inputs_are_one_clear_error(record, auto_name, case):
+    """At least ten bad inputs per model class, each refused with one ValueError saying what was expected."""
+    torch.manual_seed(0)
+    model = hfpapers.create_model(record.slug, preset="tiny", head=auto_name).eval()
+    cases = bad_inputs(record.task, model.config)
+    assert len(cases) >= 10
+    name, inputs, message = cases[case]
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**inputs)
+
+
+MODEL_RECORDS = [r for r in RECORDS if r.kind == "model"]
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_models(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for record in MODEL_RECORDS:
+        folders[record.slug] = tmp_path_factory.mktemp(record.slug)
+        hfpapers.create_model(record.slug, preset="tiny").save_pretrained(folders[record.slug])
+    return folders
+
+
+@pytest.mark.parametrize("record", MODEL_RECORDS, ids=lambda r: r.slug)
+def test_a_folder_of_another_method_is_refused_before_anything_is_built(record, saved_tiny_models):
+    """transformers only warns and builds a default-sized model (a 7B decoder for llm-embedding)."""
+    model_class = record.load(record.model_classes[record.head_auto_class])
+    for other, folder in saved_tiny_models.items():
+        if other != record.slug:
+            with pytest.raises(ValueError, match=rf"'hfp-{other}' config given to .*'{record.model_type}'"):
+                model_class.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("record", MODEL_RECORDS, ids=lambda r: r.slug)
+def test_loads_through_every_auto_class_where_hfpapers_cannot_be_imported(record, saved_tiny_models):
+    """The saved folder's auto_map names every Auto class of the record (transformers writes only the saved one)."""
+    import os
+    import subprocess
+    import sys
+
+    expected = {auto: dotted.rpartition(".")[2] for auto, dotted in record.model_classes.items()}
+    code = (f"import sys; sys.modules['hfpapers'] = None; import transformers\n"
+            f"for auto, name in {expected!r}.items():\n"
+            f"    model = getattr(transformers, auto).from_pretrained({str(saved_tiny_models[record.slug])!r}, "
+            f"trust_remote_code=True)\n"
+            f"    assert type(model).__name__ == name and type(model).__module__.startswith('transformers_modules'), "
+            f"(auto, type(model))\n")
+    folder = saved_tiny_models[record.slug]
+    env = {**os.environ, "HF_HOME": str(folder.parent / f"hf-{record.slug}"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=folder.parent,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -155,20 +155,11 @@ def test_any_size_runs_with_grids_rounded_up(height, width):
     torch.testing.assert_close(fused, out.logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("pixel_values", "message"), [
-    (torch.zeros(2, 1, 64, 64), r"\(batch, 3, height, width\).*got \(2, 1, 64, 64\)"),
-    (torch.zeros(3, 64, 64), r"\(batch, 3, height, width\).*got \(3, 64, 64\)"),
-    (torch.zeros(0, 3, 64, 64), r"at least one image.*got shape \(0, 3, 64, 64\)"),
-    (torch.zeros(1, 3, 0, 64), r"at least 1x1 pixels.*got shape \(1, 3, 0, 64\)"),
-    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), r"floating point.*got torch.uint8"),
-    (torch.full((2, 3, 64, 64), float("nan")), r"NaN or infinite"),
-    (torch.full((2, 3, 64, 64), float("-inf")), r"NaN or infinite"),
-    ([[0.0]], r"\(batch, 3, height, width\).*got list"),
-])
-def test_bad_inputs_are_rejected_clearly(pixel_values, message):
+def test_a_zero_size_image_is_refused():
+    """(The bad inputs every image classifier refuses are in tests/test_contract.py.)"""
     model = hfpapers.create_model("efficientvim", preset="tiny").eval()
-    with pytest.raises(ValueError, match=message):
-        model(pixel_values=pixel_values)
+    with pytest.raises(ValueError, match=r"at least 1x1 pixels.*got shape \(1, 3, 0, 64\)"):
+        model(pixel_values=torch.zeros(1, 3, 0, 64))
 
 
 def test_float64_and_float16_pixels_are_cast_to_the_model_dtype():

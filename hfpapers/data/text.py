@@ -224,18 +224,29 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def build_word_tokenizer():
-    """A word-level fast tokenizer over `vocabulary()` with <pad>, <unk>, <s> and </s>: what a tiny decoder
-    trained on the embedded text uses (no download needed). Like the paper's tokenizers (`add_eos_token=True`)
-    it wraps every text as `<s> text </s>`, and pads on the left."""
+def word_tokenizer(words, *, extra_special_tokens=(), append_eos: bool = True, split_punctuation: bool = True):
+    """A word-level fast tokenizer for models trained from scratch on embedded data (no download needed).
+
+    Ids: <pad> 0, <unk> 1, <s> 2, </s> 3, then `extra_special_tokens`, then `words` (repeats dropped). Every text
+    starts with <s> and, with `append_eos`, ends with </s>; batches pad on the left. `split_punctuation` makes
+    "fox," two tokens; without it only whitespace separates them.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + vocabulary())}
+    specials = ["<pad>", "<unk>", "<s>", "</s>", *extra_special_tokens]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*specials, *words]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    template = "<s> $A </s>" if append_eos else "<s> $A"
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>", padding_side="left")
+        single=template, special_tokens=[(t, vocab[t]) for t in ("<s>", "</s>") if t in template])
+    extra = {"additional_special_tokens": list(extra_special_tokens)} if extra_special_tokens else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", padding_side="left", **extra)
+
+
+def build_word_tokenizer():
+    """The word tokenizer over `vocabulary()`: what a tiny decoder trained on the embedded text uses. Like the
+    paper's tokenizers (`add_eos_token=True`) it wraps every text as `<s> text </s>`."""
+    return word_tokenizer(vocabulary())

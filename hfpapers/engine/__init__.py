@@ -5,11 +5,11 @@
 - `recipe.py`     `Recipe`, `ImageClassificationRecipe`, `TensorDataset`: how a method trains
 - `loop.py`       `fit` and `evaluate`: the loop, under `python`, `hfpapers train` and `accelerate launch`
 - `run_folder.py` what a run writes (metrics, curves, results, run file) and its pickle-free checkpoints
-- `entrypoints.py` `train` / `evaluate_folder`: a registered method end to end
+- `entrypoints.py` `train` / `evaluate_folder`: a registered method end to end; `warm_start`: an earlier stage
 """
 
 from .arguments import TrainingArguments
-from .entrypoints import evaluate_folder, train
+from .entrypoints import evaluate_folder, train, warm_start
 from .loop import FitResult, NonFiniteLossError, evaluate, fit
 from .recipe import ImageClassificationRecipe, Recipe, TensorDataset
 from .run_folder import CURVES_FILE, METRICS_FILE, RESULTS_FILE, RUN_FILE, STATE_FILE, plot_curves
@@ -17,4 +17,4 @@ from .state import Callback, TrainingState
 
 __all__ = ["CURVES_FILE", "METRICS_FILE", "RESULTS_FILE", "RUN_FILE", "STATE_FILE", "Callback", "FitResult",
            "ImageClassificationRecipe", "NonFiniteLossError", "Recipe", "TensorDataset", "TrainingArguments",
-           "TrainingState", "evaluate", "evaluate_folder", "fit", "plot_curves", "train"]
+           "TrainingState", "evaluate", "evaluate_folder", "fit", "plot_curves", "train", "warm_start"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,29 @@ def train(
         with rf.writing(Path(output_dir, "README.md")):
             cards.write_card(output_dir)
     return result
+
+
+def warm_start(output_dir: str | Path, build_model, datasets, recipe, *, seed: int, processor=None,
+               **settings: Any) -> Path:
+    """An earlier stage of a multi-stage method (a decoder's language-model warm-up, SAM on point prompts, a small
+    VAE), trained through `fit` into `output_dir` and saved there; returns the folder.
+
+    `build_model()` makes the stage's fresh model (seeded with `seed`); `settings` are its `TrainingArguments`.
+    A folder that already holds the saved stage (`config.json`) is reused. A stage that did not finish starts over:
+    its folder is only a cache of the result, and its resume state is dropped once the result is saved.
+    """
+    from accelerate import PartialState
+
+    output_dir = Path(output_dir)
+    if not (output_dir / "config.json").exists():
+        torch.manual_seed(seed)
+        args = TrainingArguments(output_dir=str(output_dir), seed=seed, progress_bar=False,
+                                 overwrite_output_dir=True, **settings)
+        fit(build_model(), datasets, recipe, args, processor)
+        if PartialState().is_main_process:
+            shutil.rmtree(output_dir / rf.CHECKPOINTS_DIR, ignore_errors=True)
+        PartialState().wait_for_everyone()
+    return output_dir
 
 
 def _start_output_dir(output_dir: Path, args: TrainingArguments, process) -> None:

@@ -46,3 +46,66 @@ def wrong_inputs(task: str, config, batch_size: int = 2) -> dict[str, torch.Tens
         return {"pixel_values": torch.randn(batch_size, 3, size + 1, size),
                 **{k: v for k, v in inputs.items() if k != "pixel_values"}}
     raise ValueError(f"no wrong inputs for task {task!r}; add them to hfpapers.testing.tiny")
+
+
+def bad_inputs(task: str, config) -> list[tuple[str, dict, str]]:
+    """(case, inputs, regex of the expected message): inputs every model of `task` must refuse with one clear
+    ValueError that says what was expected (the contract suite's bad-input table)."""
+    good = tiny_inputs(task, config, batch_size=2)
+    if task == "image-classification":
+        x = good["pixel_values"]
+        c = config.num_channels
+        return [
+            ("uint8", {"pixel_values": (x * 255).to(torch.uint8)}, r"floating point.*got torch.uint8"),
+            ("int64", {"pixel_values": x.long()}, r"floating point.*got torch.int64"),
+            ("bool", {"pixel_values": x > 0}, r"floating point.*got torch.bool"),
+            ("empty batch", {"pixel_values": x[:0]}, r"empty batch|at least one image"),
+            ("nan", {"pixel_values": x.masked_fill(x > 1, float("nan"))}, r"NaN or infinite"),
+            ("inf", {"pixel_values": x.masked_fill(x > 1, float("inf"))}, r"NaN or infinite"),
+            ("-inf", {"pixel_values": x.masked_fill(x > 1, float("-inf"))}, r"NaN or infinite"),
+            ("no batch axis", {"pixel_values": x[0]}, rf"\(batch, {c}, .*got \({c}, "),
+            ("channels", {"pixel_values": x[:, :1]}, rf"\(batch, {c}, .*got \(2, 1, "),
+            ("five axes", {"pixel_values": x[None]}, rf"\(batch, {c}, .*got \(1, 2, "),
+            ("numpy", {"pixel_values": x.numpy()}, r"got ndarray"),
+            ("list", {"pixel_values": x.tolist()}, r"got list"),
+        ]
+    if task == "sentence-embedding":
+        vocab, max_length = config.decoder_config.vocab_size, config.max_length
+        hidden = config.decoder_config.hidden_size
+        ids = good["input_ids"]
+        return [
+            ("empty batch", {"input_ids": ids[:0]}, "empty batch"),
+            ("empty texts", {"input_ids": ids[:, :0]}, "empty batch"),
+            ("float ids", {"input_ids": ids.float()}, "integer token ids"),
+            ("id over the vocabulary", {"input_ids": ids.clamp(max=vocab - 1).index_fill(1, torch.tensor([0]), vocab)},
+             rf"token ids must lie in \[0, {vocab}\)"),
+            ("negative id", {"input_ids": ids.index_fill(1, torch.tensor([0]), -2)}, "token ids must lie in"),
+            ("too long", {"input_ids": torch.ones(1, max_length + 1, dtype=torch.long)}, f"over max_length={max_length}"),
+            ("no batch axis", {"input_ids": ids[0]}, "integer token ids"),
+            ("nothing", {}, "exactly one of input_ids"),
+            ("ids and embeddings", {"input_ids": ids, "inputs_embeds": torch.zeros(*ids.shape, hidden)}, "exactly one"),
+            ("nan embeddings", {"inputs_embeds": torch.full((1, 3, hidden), float("nan"))}, "NaN or inf"),
+            ("embedding width", {"inputs_embeds": torch.zeros(1, 3, hidden + 1)},
+             rf"inputs_embeds must be float \(batch, sequence, {hidden}\)"),
+            ("mask shape", {"input_ids": ids, "attention_mask": torch.ones(ids.shape[0], ids.shape[1] + 1)},
+             "attention_mask must"),
+        ]
+    if task == "reasoning-segmentation":
+        ids, pixels, sam = good["input_ids"], good["pixel_values"], good["sam_pixel_values"]
+        size = config.llava_config.vision_config.image_size
+        return [
+            ("empty batch", {**good, "input_ids": ids[:0], "pixel_values": pixels[:0]}, "non-empty batch"),
+            ("float ids", {**good, "input_ids": ids.float()}, "integer tensor of token ids"),
+            ("uint8 pixels", {**good, "pixel_values": (pixels * 255).to(torch.uint8)}, "normalised floats"),
+            ("nan pixels", {**good, "pixel_values": pixels.masked_fill(pixels > 1, float("nan"))}, "NaN or inf"),
+            ("inf pixels", {**good, "pixel_values": pixels.masked_fill(pixels > 1, float("inf"))}, "NaN or inf"),
+            ("pixel size", {**good, "pixel_values": pixels[:, :, : size // 2]},
+             rf"pixel_values \(batch, 3, {size}, {size}\)"),
+            ("nan sam pixels", {**good, "sam_pixel_values": torch.full_like(sam, float("nan"))},
+             "sam_pixel_values must be finite"),
+            ("too long", {**good, "input_ids": torch.cat([ids, ids[:, -1:].repeat(1, 4096)], 1)},
+             "over the language model's"),
+            ("uint8 sam pixels", {**good, "sam_pixel_values": (sam * 255).to(torch.uint8)}, "sam_pixel_values"),
+            ("int64 pixels", {**good, "pixel_values": pixels.long()}, "normalised floats"),
+        ]
+    raise ValueError(f"no bad inputs for task {task!r}; add them to hfpapers.testing.tiny")

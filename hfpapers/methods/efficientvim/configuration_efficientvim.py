@@ -40,6 +40,14 @@ class EfficientViMConfig(PreTrainedConfig):
     alpha_init: float = 1e-4
     initializer_range: float = 0.02
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers only warns when a folder of another model is loaded, then builds this one from defaults
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{config_dict['model_type']!r} config given to {cls.__name__} ({cls.model_type!r}): "
+                             "load that folder with its own class or an Auto class")
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_efficientvim(self):
         lengths = {len(self.embed_dim), len(self.depths), len(self.state_dim)}
         if lengths != {3}:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 
 from ...augment import horizontal_flip, random_resized_crop, sample_beta
 from ...engine import ImageClassificationRecipe
@@ -140,7 +141,7 @@ class EfficientViMRecipe(ImageClassificationRecipe):
         return self._teacher_model
 
     def compute_loss(self, model, batch, step_rng, state):
-        config = model.module.config if hasattr(model, "module") else model.config
+        config = extract_model_from_parallel(model).config
         images, targets = self.augment(batch["pixel_values"], batch["labels"], config.num_labels, step_rng)
         outputs = model(pixel_values=images)
         loss = soft_target_cross_entropy(outputs.logits, targets)

@@ -14,7 +14,6 @@ code accumulates gradients over 256 micro-batches instead, so each of its softma
 from __future__ import annotations
 
 import contextlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.text import build_word_tokenizer
-from ...engine import Recipe, TrainingArguments, fit
+from ...engine import Recipe, warm_start
 from .configuration_llm_embedding import LLMEmbeddingConfig
 from .modeling_llm_embedding import LLMEmbeddingModel, pad_left, tokenize
 
@@ -90,6 +89,11 @@ def _token_rows(tokenizer, texts, max_length: int, truncation: bool) -> list[lis
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+# The training arguments of that warm start.
+_DECODER_TRAINING = {"learning_rate": 3e-3, "weight_decay": 0.01, "lr_scheduler": "cosine", "warmup_steps": 20,
+                     "per_device_train_batch_size": 64, "num_epochs": 2}
+
+
 @dataclass
 class CausalLMRecipe(Recipe):
     """Next-token prediction on the embedded texts: the warm start of a fresh tiny decoder, standing in for the
@@ -98,8 +102,6 @@ class CausalLMRecipe(Recipe):
     max_length: int = 64
     columns = TEXT_FIELDS
     metric = "loss"
-    defaults = {"learning_rate": 3e-3, "weight_decay": 0.01, "lr_scheduler": "cosine", "warmup_steps": 20,
-                "per_device_train_batch_size": 64, "num_epochs": 2}
 
     def prepare_dataset(self, dataset, processor) -> TokenizedTexts:
         texts = [t for field in TEXT_FIELDS for t in dataset[field]]
@@ -133,20 +135,8 @@ def pretrain_decoder(decoder_config, tokenizer, datasets, output_dir: str, seed:
     `output_dir`; reused when it is already there. Returns the folder."""
     from transformers import AutoModelForCausalLM
 
-    if Path(output_dir, "config.json").exists():
-        return output_dir
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(decoder_config)
-    recipe = CausalLMRecipe()
-    # A stage that did not finish (no config.json) starts over: its folder is only a cache of the result.
-    args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False, overwrite_output_dir=True,
-                             **{**CausalLMRecipe.defaults, **settings})
-    fit(model, datasets, recipe, args, tokenizer)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:  # the decoder is saved; its resume state is no longer needed
-        shutil.rmtree(Path(output_dir, "checkpoints"), ignore_errors=True)
-    return output_dir
+    return str(warm_start(output_dir, lambda: AutoModelForCausalLM.from_config(decoder_config), datasets,
+                          CausalLMRecipe(), seed=seed, processor=tokenizer, **{**_DECODER_TRAINING, **settings}))
 
 
 @dataclass

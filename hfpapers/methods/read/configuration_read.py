@@ -59,6 +59,14 @@ class READConfig(PreTrainedConfig):
     bce_loss_weight: float = 2.0
     dice_loss_weight: float = 0.5
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers only warns when a folder of another model is loaded, then builds this one from defaults
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{config_dict['model_type']!r} config given to {cls.__name__} ({cls.model_type!r}): "
+                             "load that folder with its own class or an Auto class")
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.out_dim is None:

@@ -12,7 +12,6 @@ then freezes its encoders as READ does and trains the whole LLaVA from scratch (
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...engine import Recipe, TrainingArguments, fit
+from ...engine import Recipe, warm_start
 from .configuration_read import READConfig
 from .metrics import ious_from_counts
 from .modeling_read import (SEG_TOKEN, READForReasoningSegmentation, dice_loss, postprocess_masks,
@@ -32,7 +31,6 @@ IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} : {% for part in message['content'] %}"
                  "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}{% endfor %}"
                  "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
-_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, SEG_TOKEN]
 _TEMPLATE_WORDS = ["user", "assistant", ":"]
 
 
@@ -44,20 +42,13 @@ def sam_image_processor(size: int):
 
 
 def build_word_tokenizer():
-    """A word-level tokenizer over the embedded scenes' words (`<s> text`, left padding), with `<image>` and
-    `[SEG]`: the tokenizer of a LLaVA trained from scratch (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
+    """The word tokenizer over the embedded scenes' words (`<s> text`, no EOS appended), with `<image>` and
+    `[SEG]`: the tokenizer of a LLaVA trained from scratch."""
     from ...data.referring import vocabulary
+    from ...data.text import word_tokenizer
 
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(_SPECIALS + _TEMPLATE_WORDS + vocabulary()))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", padding_side="left",
-                                   additional_special_tokens=[IMAGE_TOKEN, SEG_TOKEN])
+    return word_tokenizer(_TEMPLATE_WORDS + vocabulary(), extra_special_tokens=(IMAGE_TOKEN, SEG_TOKEN),
+                          append_eos=False, split_punctuation=False)
 
 
 def load_processor(config: READConfig) -> READProcessor:
@@ -166,6 +157,11 @@ def intersection_union(pred_masks: list, masks: list) -> tuple[torch.Tensor, tor
     return torch.stack(inter).double(), torch.stack(union).double()
 
 
+# The training arguments of that stage.
+_SAM_TRAINING = {"learning_rate": 2e-3, "weight_decay": 0.0, "lr_scheduler": "cosine", "warmup_steps": 20,
+                 "per_device_train_batch_size": 32, "num_epochs": 8, "mixed_precision": "no"}
+
+
 @dataclass
 class SamPointRecipe(Recipe):
     """SAM's own task on the embedded scenes: one positive click inside the referred shape and one negative click
@@ -173,8 +169,6 @@ class SamPointRecipe(Recipe):
 
     columns = ("image", "mask")
     metric = "iou"
-    defaults = {"learning_rate": 2e-3, "weight_decay": 0.0, "lr_scheduler": "cosine", "warmup_steps": 20,
-                "per_device_train_batch_size": 32, "num_epochs": 8, "mixed_precision": "no"}
 
     def prepare_dataset(self, dataset, processor) -> SegmentationExamples:
         self.sam_size = processor.sam_image_processor.size["longest_edge"]
@@ -226,11 +220,7 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
     `output_dir` (reused when it is already there)."""
     from transformers import SamModel
 
-    if not Path(output_dir, "config.json").exists():
-        torch.manual_seed(seed)
-        # A stage that did not finish (no config.json) starts over: its folder is only a cache of the result.
-        args = TrainingArguments(output_dir=output_dir, seed=seed, progress_bar=False, overwrite_output_dir=True,
-                                 **{**SamPointRecipe.defaults, **settings})
+    def fresh_sam():
         sam = SamModel(sam_config)
         # What point prompts never reach (mask and box prompts, the IoU head) stays as initialised, so that every
         # trainable weight has a gradient in a multi-process run.
@@ -238,12 +228,10 @@ def pretrain_sam(sam_config, processor, datasets, output_dir: str, seed: int, **
             param.requires_grad = not name.startswith(("prompt_encoder.mask_embed.", "prompt_encoder.point_embed.2.",
                                                        "prompt_encoder.point_embed.3.",
                                                        "mask_decoder.iou_prediction_head."))
-        fit(sam, datasets, SamPointRecipe(), args, processor)
-        from accelerate import PartialState
+        return sam
 
-        if PartialState().is_main_process:  # the SAM is saved; its resume state is no longer needed
-            shutil.rmtree(Path(output_dir, "checkpoints"), ignore_errors=True)
-    return SamModel.from_pretrained(output_dir)
+    return SamModel.from_pretrained(warm_start(output_dir, fresh_sam, datasets, SamPointRecipe(), seed=seed,
+                                               processor=processor, **{**_SAM_TRAINING, **settings}))
 
 
 @dataclass

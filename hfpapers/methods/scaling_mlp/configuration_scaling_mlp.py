@@ -37,6 +37,14 @@ class ScalingMLPConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float | None = None
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers only warns when a folder of another model is loaded, then builds this one from defaults
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{config_dict['model_type']!r} config given to {cls.__name__} ({cls.model_type!r}): "
+                             "load that folder with its own class or an Auto class")
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_scaling_mlp(self):
         for name in ("image_size", "num_channels", "num_blocks", "hidden_size", "expansion_factor"):
             if getattr(self, name) < 1:
