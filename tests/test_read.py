@@ -333,7 +333,8 @@ def test_the_tiny_preset_must_match_the_word_tokenizer():
     from hfpapers.methods.read.recipe import READRecipe
 
     with pytest.raises(ValueError, match="does not fit the word tokenizer"):
-        READRecipe().build_model("read", "tiny", None, {"seg_token_index": 6}, TrainingArguments(output_dir="x"))
+        READRecipe().build_model(hfpapers.get_method("read").resolve("tiny", {"seg_token_index": 6}), None,
+                                 TrainingArguments(output_dir="x"))
 
 
 @pytest.mark.slow
@@ -400,7 +401,8 @@ def test_read_on_pretrained_llava_and_sam_folders_adds_seg_and_trains_the_offici
     sam_image_processor(64).save_pretrained(tmp_path / "sam")
 
     recipe = READRecipe(base_llava=str(tmp_path / "llava"), base_sam=str(tmp_path / "sam"))
-    model, processor = recipe.build_model("read", "tiny", scenes, {"lora_r": 4}, TrainingArguments(output_dir="x"))
+    model, processor = recipe.build_model(hfpapers.get_method("read").resolve("tiny", {"lora_r": 4}), scenes,
+                                          TrainingArguments(output_dir="x"))
     assert model.config.seg_token_index == processor.tokenizer.convert_tokens_to_ids("[SEG]") == len(words)
     assert model.config.base_llava == str(tmp_path / "llava")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -410,4 +412,5 @@ def test_read_on_pretrained_llava_and_sam_folders_adds_seg_and_trains_the_offici
     loss.backward()
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="needs a pretrained SAM too"):
-        READRecipe(base_llava=str(tmp_path / "llava")).build_model("read", "tiny", scenes, {}, None)
+        READRecipe(base_llava=str(tmp_path / "llava")).build_model(hfpapers.get_method("read").resolve("tiny"),
+                                                                   scenes, None)
