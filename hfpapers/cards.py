@@ -139,6 +139,7 @@ def build_run_card(output_dir: str | Path, slug: str, repo_id: str | None = None
         usage=results["usage"].replace("REPO", f'"{repo_id or output_dir}"'),
         prose=prose_file.read_text(encoding="utf-8").strip(),
         settings=list((results.get("config") or {}).items()), run=run,
+        preset_description=record.get_preset(run["preset"]).description if run else "",
         reported=list(record.paper_results.items()), license=record.license,
         weights_license=record.weights_license, official_code=record.official_code, bibtex=record.bibtex,
     )

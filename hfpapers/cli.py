@@ -1,4 +1,5 @@
-"""The `hfpapers` command: list | info | train | run | eval | card | push | pull | hub serve | zoo build | new.
+"""The `hfpapers` command: list | info | new | train | run | convert | eval | card | push | pull | hub serve |
+zoo build.
 
 Errors print one line on stderr and exit with status 1 (2 for bad usage, as argparse does).
 """
@@ -10,6 +11,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+from . import __version__
 
 
 def _parse_value(text: str):
@@ -254,7 +257,8 @@ def cmd_zoo_build(args) -> None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="hfpapers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hfpapers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"hfpapers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="the registered methods")

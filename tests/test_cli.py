@@ -6,7 +6,8 @@ import pytest
 
 from conftest import read_json, run_cli, small_dataset_args
 
-COMMANDS = [["list"], ["info"], ["train"], ["run"], ["eval"], ["card"], ["push"], ["pull"], ["hub", "serve"], ["zoo", "build"]]
+COMMANDS = [["list"], ["info"], ["new"], ["train"], ["run"], ["convert"], ["eval"], ["card"], ["push"], ["pull"],
+            ["hub", "serve"], ["zoo", "build"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
@@ -104,3 +105,9 @@ def test_run_refuses_a_used_folder_and_overwrites_only_an_earlier_run(trained_fo
     (out / "stale.txt").write_text("from the first run")
     run_cli(*args, "--output-dir", out, "--overwrite-output-dir")
     assert not (out / "stale.txt").exists() and (out / "results.json").exists()
+
+
+def test_version():
+    import hfpapers
+
+    assert run_cli("--version").stdout.strip() == f"hfpapers {hfpapers.__version__}"

@@ -254,6 +254,27 @@ def test_a_callback_can_change_the_gradients_before_the_optimizer_step(tmp_path)
     assert not torch.equal(model.second.weight, initial["second.weight"])
 
 
+def test_the_weight_average_starts_at_ema_start_epoch(tmp_path):
+    """EMA from epoch 1 of 3: the first step of epoch 1 copies the weights, later steps average them in (by hand)."""
+    weights = []
+
+    class Snapshot(Callback):
+        def on_step_end(self, state, model, batch, accelerator):
+            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    torch.manual_seed(0)
+    model, result = fit_regression(tmp_path, callbacks=[Snapshot()], num_epochs=3, ema_decay=0.5, ema_start_epoch=1)
+    steps_per_epoch = len(weights) // 3
+    average = dict(weights[steps_per_epoch])
+    for w in weights[steps_per_epoch + 1:]:
+        average = {k: 0.5 * average[k] + 0.5 * w[k] for k in average}
+    for name, value in result.ema_model.state_dict().items():
+        torch.testing.assert_close(value, average[name], rtol=1e-6, atol=1e-7)
+    # the saved model is the average
+    saved = Regressor.from_pretrained(tmp_path)
+    torch.testing.assert_close(saved.state_dict()["first.weight"], average["first.weight"], rtol=1e-6, atol=1e-7)
+
+
 class Payload:
     """Unpickling it creates `marker`: the proof that a file was unpickled."""
 
@@ -375,6 +396,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be a finite number above 0"),
     ({"warmup_steps": -1}, ValueError, "warmup_steps must be at least 0"),
     ({"checkpoint_every_steps": 0}, ValueError, "checkpoint_every_steps must be at least 1"),
+    ({"num_epochs": 3, "ema_start_epoch": 3}, ValueError, "ema_start_epoch must lie in [0, num_epochs=3), got 3"),
     ({"progress_bar": "no"}, TypeError, "progress_bar must be bool, got 'no'"),
     ({"report_to": 3}, TypeError, "report_to must be str or list, got 3"),
 ])

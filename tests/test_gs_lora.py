@@ -487,3 +487,22 @@ def test_small_reproduction_forgets_keeps_and_selects_few_blocks(tmp_path):
         assert r["retained_loss"] <= 0.03, r  # kept classes within 3 points of the original model
         assert reproduce.near_zero_fraction(r["block_norms"]) > 0.5, r  # most blocks' LoRA near zero
     assert (tmp_path / "gs_lora_block_norms.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_per_task_settings_of_the_official_script():
+    """The paper presets carry the script's per-task lists; a task past the list is a clear error."""
+    import hfpapers
+
+    record = hfpapers.get_method("gs-lora")
+    few_shot = GSLoRAConfig(**record.preset("face-casia100-few-shot"))
+    assert [few_shot.for_task(t).beta for t in (1, 2, 3, 4)] == [0.3, 0.4, 0.28, 0.2]
+    assert [few_shot.for_task(t).prototype_forget_weight for t in (1, 2, 3, 4)] == [0.015, 0.06, 0.025, 0.012]
+    assert (few_shot.batch_size, few_shot.few_shot, few_shot.prototype_bound, few_shot.ema_decay,
+            few_shot.ema_start_epoch) == (4, 4, 18.0, 0.9, 30)
+    assert GSLoRAConfig(beta=0.5).for_task(7).beta == 0.5  # one value serves every task
+    with pytest.raises(ValueError, match=r"beta gives 4 per-task values .*; task 5 has none"):
+        few_shot.for_task(5)
+    with pytest.raises(ValueError, match="beta=.* out of range"):
+        GSLoRAConfig(beta=(0.1, -0.2))
+    with pytest.raises(ValueError, match="ema_start_epoch must lie in"):
+        GSLoRAConfig(num_epochs=10, ema_start_epoch=10)

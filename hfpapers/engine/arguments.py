@@ -20,6 +20,7 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an exponential moving average of the weights; it is evaluated and saved
+    ema_start_epoch: int = 0  # the average starts from the weights of this epoch (before it, the model is evaluated)
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     checkpoint_every_steps: int | None = None  # besides the checkpoint at the end of every epoch
@@ -64,6 +65,8 @@ class TrainingArguments:
             raise ValueError(f"max_grad_norm must be a finite number above 0 (or None), got {self.max_grad_norm}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        if not 0 <= self.ema_start_epoch < self.num_epochs:
+            raise ValueError(f"ema_start_epoch must lie in [0, num_epochs={self.num_epochs}), got {self.ema_start_epoch}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
 

@@ -169,7 +169,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
-                if ema is not None:
+                if ema is not None and epoch >= args.ema_start_epoch:
                     ema.update_parameters(accelerator.unwrap_model(model))
                 state.global_step += 1
                 progress.update(1)
@@ -183,7 +183,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if args.checkpoint_every_steps and step % args.checkpoint_every_steps == 0:
                     save_checkpoint()
-            metrics = evaluate(accelerator, ema.module if ema is not None else model, eval_dl, recipe)
+            metrics = evaluate(accelerator, _averaged_or(model, ema), eval_dl, recipe)
             model.train()
             state.epoch, state.batches_done = epoch + 1, 0
             for callback in callbacks:
@@ -214,7 +214,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with rf.writing(output_dir):
-            (ema.module if ema is not None else accelerator.unwrap_model(model)).save_pretrained(output_dir)
+            _averaged_or(accelerator.unwrap_model(model), ema).save_pretrained(output_dir)
             if processor is not None:
                 processor.save_pretrained(output_dir)
         rf.plot_curves(state.history, output_dir / rf.CURVES_FILE, recipe.metric)
@@ -234,6 +234,11 @@ def _check_finite_loss(accelerator, loss: torch.Tensor, state: TrainingState, ou
         raise NonFiniteLossError(
             f"the loss is {loss.item()} at epoch {state.epoch + 1}, optimiser step {state.global_step + 1}: "
             f"training stopped before that step (learning rate too high?); {_last_good_checkpoint(output_dir)}")
+
+
+def _averaged_or(model, ema):
+    """The weight average once it has started (`ema_start_epoch`), else the model itself."""
+    return ema.module if ema is not None and ema.n_averaged > 0 else model
 
 
 def _check_finite_weights(accelerator, model, ema, state: TrainingState, output_dir: Path) -> None:

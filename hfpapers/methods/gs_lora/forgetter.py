@@ -233,7 +233,7 @@ class ContinualForgetter:
         exactly those classes) and the replay set `retain_data` (retained classes only), then merge it."""
         from ...engine import TrainingArguments, fit
 
-        cfg = self.config
+        cfg = self.config.for_task(len(self.tasks) + 1)
         classes = self.class_ids(forget_classes)
         forget, retain = self._encode(forget_data, "forget_data"), self._encode(retain_data, "retain_data")
         if cfg.few_shot is not None:
@@ -262,7 +262,8 @@ class ContinualForgetter:
         args = TrainingArguments(
             output_dir=str(run_dir), num_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, lr_scheduler=cfg.lr_scheduler,
-            ema_decay=cfg.ema_decay, seed=cfg.seed, progress_bar=False, keep_checkpoints=1)
+            ema_decay=cfg.ema_decay, ema_start_epoch=cfg.ema_start_epoch, seed=cfg.seed, progress_bar=False,
+            keep_checkpoints=1)
         try:
             # The engine's per-epoch evaluation runs on the task's own (small) training data, so it costs little;
             # the report below is measured on the evaluation set.

@@ -95,6 +95,7 @@ class GSLoRARunner(Runner):
 
         if not tasks:
             raise ValueError("gs-lora needs at least one task: --tasks CLASS,CLASS")
+        config.for_task(len(tasks))  # per-task settings for every task, checked before anything trains
         forgetter = ContinualForgetter(model, config, eval_data=datasets["test"], output_dir=str(output_dir / "runs"))
         for task in tasks:
             classes = forgetter.class_ids(task)
