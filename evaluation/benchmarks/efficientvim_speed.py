@@ -36,88 +36,22 @@ import gc
 import json
 import os
 import platform
-import statistics
-import time
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hfpapers
+from hfpapers.testing.benchmark import MATMUL_SIZE, MachineLoad, count_flops, interleaved_medians, matmul_gflops
 
-MATMUL_SIZE = 2048
 PRESETS = ("M1", "M2", "M3", "M4")
 # glibc malloc settings that keep freed activations in the process (no page faults in the timed forwards): the
 # largest mmap threshold glibc accepts (32 MiB on 64-bit) and no trimming of the heap.
 STEADY_MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296"
 
 
-def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def minor_page_faults() -> int:
-    """Minor page faults of this process so far (0 where the resource module is missing)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-def interleaved_medians(fns: list, warmup: int, repeats: int) -> list[tuple[float, float]]:
-    """(median seconds, median minor page faults) of each fn, run in turn (A, B, A, B, ...) so that background
-    load affects them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times, faults = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t, pf in zip(fns, times, faults):
-            pf0 = minor_page_faults()
-            start = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - start)
-            pf.append(minor_page_faults() - pf0)
-    return [(statistics.median(t), statistics.median(pf)) for t, pf in zip(times, faults)]
-
-
-def busy_core_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux /proc/stat; None elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_core_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def matmul_gflops(warmup: int, repeats: int) -> float:
-    """The rate of one large fp32 matmul: what the BLAS reaches on this machine with these threads."""
-    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    with torch.inference_mode():
-        seconds = median_seconds(lambda: a @ b, warmup, repeats)
-    return 2 * MATMUL_SIZE**3 / seconds / 1e9
-
-
 def count_macs(model, pixel_values: torch.Tensor) -> int:
     """Multiply-accumulates of one forward (FlopCounterMode counts 2 FLOPs per MAC of convs, matmuls, linears)."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(pixel_values=pixel_values)
-    return counter.get_total_flops() // 2
+    with torch.inference_mode():
+        return count_flops(lambda: model(pixel_values=pixel_values)) // 2
 
 
 @torch.no_grad()
@@ -149,9 +83,9 @@ def benchmark(preset: str, args, peak_gflops: float) -> dict:
 
     pixel_values = torch.randn(args.batch_size, config.num_channels, size, size)
     with torch.inference_mode():
-        (unfused_s, unfused_faults), (fused_s, fused_faults) = interleaved_medians(
-            [lambda: model(pixel_values=pixel_values), lambda: fused(pixel_values=pixel_values)],
-            args.warmup, args.repeats)
+        medians = interleaved_medians({"unfused": lambda: model(pixel_values=pixel_values),
+                                       "fused": lambda: fused(pixel_values=pixel_values)}, args.warmup, args.repeats)
+        (unfused_s, unfused_faults), (fused_s, fused_faults) = medians["unfused"], medians["fused"]
         logits = model(pixel_values=pixel_values).logits
         fused_logits = fused(pixel_values=pixel_values).logits
     max_abs_diff = (logits - fused_logits).abs().max().item()
@@ -207,31 +141,22 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    # Other processes on these cores skew every number; report how busy the machine was around the run.
-    load_before = os.getloadavg()[0]
     malloc_env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
-    start, busy_start, own_start = time.perf_counter(), busy_core_seconds(), own_core_seconds()
-    peak = matmul_gflops(args.warmup, args.repeats)
-    rows = []
-    for preset in args.presets:
-        rows.append(benchmark(preset, args, peak))
-        gc.collect()
-    load_after = os.getloadavg()[0]
-    wall = time.perf_counter() - start
-    # Core-seconds other processes took during the run, as a fraction of all the machine's core-seconds: with
-    # every core in use by this benchmark's threads, even a little of it slows the timings a lot.
-    background = None
-    if busy_start is not None:
-        other = busy_core_seconds() - busy_start - (own_core_seconds() - own_start)
-        background = max(0.0, other) / (wall * os.cpu_count())
+    # Other processes on these cores skew every number; report how busy the machine was around the run.
+    with MachineLoad() as load:
+        peak = matmul_gflops(args.warmup, args.repeats)
+        rows = []
+        for preset in args.presets:
+            rows.append(benchmark(preset, args, peak))
+            gc.collect()
 
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, eval + inference_mode, median of {args.repeats} timed forwards after "
-          f"{args.warmup} warm-up (unfused and fused interleaved); 1-min load average {load_before:.2f} before, "
-          f"{load_after:.2f} after; {wall:.0f} s")
+          f"{args.warmup} warm-up (unfused and fused interleaved); 1-min load average {load.load_before:.2f} before, "
+          f"{load.load_after:.2f} after; {load.wall_s:.0f} s")
     print(f"malloc environment: {' '.join(malloc_env) if malloc_env else 'glibc defaults (no MALLOC_* variables)'}")
-    if background is not None:
-        print(f"background: other processes used {100 * background:.1f}% of the machine's CPU time during the run "
+    if load.background is not None:
+        print(f"background: other processes used {100 * load.background:.1f}% of the machine's CPU time during the run "
               "(a few % already slows these timings; rerun when it is near 0)")
     print(f"peak: fp32 matmul {MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} = {peak:.1f} GFLOP/s\n")
     print(markdown_table(rows))
@@ -248,10 +173,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
                        "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
-                       "matmul_size": MATMUL_SIZE, "matmul_gflops": peak, "load_average_before": load_before,
-                       "load_average_after": load_after, "background_cpu_fraction": background,
+                       "matmul_size": MATMUL_SIZE, "matmul_gflops": peak, "load_average_before": load.load_before,
+                       "load_average_after": load.load_after, "background_cpu_fraction": load.background,
                        "malloc_env": malloc_env,
-                       "seconds": wall, "rows": rows}, f, indent=2)
+                       "seconds": load.wall_s, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

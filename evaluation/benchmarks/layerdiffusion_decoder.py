@@ -24,14 +24,14 @@ import argparse
 import gc
 import json
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from hfpapers.testing.benchmark import MachineLoad, run_times
 
 PASSES = 8  # the official augmentation: 4 quarter turns, each with and without a horizontal flip
 
@@ -93,13 +93,8 @@ def run_configuration(size: int, augment: bool, passes_per_batch: int, repeats: 
         base = _status_kib("VmRSS")
     else:
         base = _maxrss_kib()
-    times = []
     with torch.no_grad():
-        call()  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        times = run_times(call, 1, repeats)
     if cuda:
         peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
@@ -127,22 +122,21 @@ def main() -> None:
 
     configurations = [("single pass", False, 1)] + [(f"{PASSES}-pass augmented", True, k) for k in args.passes]
     context = multiprocessing.get_context("spawn")
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
-    for mode, augment, k in configurations:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # a fresh process per configuration
-            result = pool.submit(run_configuration, args.size, augment, k, args.repeats, args.dtype, args.device,
-                                 args.threads).result()
-        rows.append({"mode": mode, "passes_per_batch": k, **result})
-        print(f"  {mode}, passes_per_batch {k}: {result['seconds']:.2f} s, "
-              f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    wall, load_after = time.perf_counter() - started, os.getloadavg()[0]
+    with MachineLoad() as load:
+        for mode, augment, k in configurations:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # a fresh process per configuration
+                result = pool.submit(run_configuration, args.size, augment, k, args.repeats, args.dtype, args.device,
+                                     args.threads).result()
+            rows.append({"mode": mode, "passes_per_batch": k, **result})
+            print(f"  {mode}, passes_per_batch {k}: {result['seconds']:.2f} s, "
+                  f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
     memory = "peak RSS growth" if torch.device(args.device).type == "cpu" else "max_memory_allocated growth"
     print(f"# TransparentVAEDecoder (UNet1024, {rows[0]['params'] / 1e6:.1f}M params), 1 image {args.size}x{args.size}, "
           f"{args.dtype}, {args.device}, {args.threads} threads, torch {torch.__version__}, median of {args.repeats} "
-          f"after 1 warm-up, memory = {memory}; load average {load_before:.2f} before, {load_after:.2f} after; "
-          f"{wall:.0f} s wall-clock\n")
+          f"after 1 warm-up, memory = {memory}; load average {load.load_before:.2f} before, "
+          f"{load.load_after:.2f} after; {load.wall_s:.0f} s wall-clock\n")
     print("| mode | passes per batch | seconds per image (median) | x single pass | peak extra memory (MiB) |")
     print("|---|---|---|---|---|")
     single = rows[0]["seconds"]
@@ -152,7 +146,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "dtype": args.dtype, "device": args.device, "threads": args.threads,
-                       "repeats": args.repeats, "load_average": [load_before, load_after], "rows": rows}, f, indent=2)
+                       "repeats": args.repeats, "load_average": [load.load_before, load.load_after], "rows": rows},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,34 +18,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hfpapers
 from hfpapers.methods.llm_embedding import ARMS
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in alternation (one warm-up each first), so that a busy spell
-    on the machine slows all of them alike rather than one."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def count_gflops(fn) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+from hfpapers.testing.benchmark import count_flops, interleaved_medians
 
 
 def build(decoder: str, pooling: str, attention: str, dtype):
@@ -73,11 +51,11 @@ def measure(decoder: str, args, dtype) -> list[dict]:
             steps = {"decoder": lambda: model(**batch) if model.pooler is None else model.decoder(**batch)}
             if model.pooler is not None:
                 steps["pooler"] = lambda: model.pooler(states, mask)
-            seconds = interleaved_medians(steps, args.repeats)
+            seconds = {name: median.seconds for name, median in interleaved_medians(steps, 1, args.repeats).items()}
             row = {"arm": arm, "attention": values["attention"], "pooler_inputs": list(states.shape[1:]),
-                   "decoder_seconds": seconds["decoder"], "decoder_gflops": count_gflops(steps["decoder"])}
+                   "decoder_seconds": seconds["decoder"], "decoder_gflops": count_flops(steps["decoder"]) / 1e9}
             if model.pooler is not None:
-                row.update(pooler_seconds=seconds["pooler"], pooler_gflops=count_gflops(steps["pooler"]),
+                row.update(pooler_seconds=seconds["pooler"], pooler_gflops=count_flops(steps["pooler"]) / 1e9,
                            pooler_params=sum(p.numel() for p in model.pooler.parameters()),
                            overhead=seconds["pooler"] / seconds["decoder"])
         rows.append(row)
@@ -94,14 +72,14 @@ def flops_only(decoder: str, args) -> list[dict]:
         with torch.device("meta"), torch.no_grad():
             model = build(decoder, values["pooling"], values["attention"], torch.float32)
             ids = torch.zeros(args.batch_size, args.sequence_length, dtype=torch.long)
-            decoder_gflops = count_gflops(lambda: model.decoder(input_ids=ids))
+            decoder_gflops = count_flops(lambda: model.decoder(input_ids=ids)) / 1e9
             pooler_gflops = 0.0
             if model.pooler is not None:
                 hidden = model.config.decoder_config.hidden_size
                 n = {"trainable": 1 if values["attention"] == "causal" else args.sequence_length,
                      "multi_layer_trainable": model.config.decoder_config.num_hidden_layers}[values["pooling"]]
                 states = torch.zeros(args.batch_size, n, hidden)
-                pooler_gflops = count_gflops(lambda: model.pooler(states))
+                pooler_gflops = count_flops(lambda: model.pooler(states)) / 1e9
         rows.append({"arm": arm, "decoder_gflops": decoder_gflops, "pooler_gflops": pooler_gflops,
                      "flop_fraction": pooler_gflops / decoder_gflops})
         del model

@@ -18,64 +18,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
-import statistics
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hfpapers
+from hfpapers.testing.benchmark import MATMUL_SIZE, StepTooSlow, count_flops, matmul_gflops, median_seconds
 
 # The issue's target: the largest Scaling MLP's forward runs at no less than half the matmul rate.
 TARGET = {"method": "scaling-mlp", "preset": "B_12-Wi_1024", "min_ratio": 0.5}
-MATMUL_SIZE = 2048
-
-
-class StepTooSlow(Exception):
-    pass
-
-
-def median_seconds(fn, warmup: int, repeats: int, budget_s: float = math.inf, label: str = "step") -> float:
-    """Median time of fn over `repeats` runs after `warmup` (>= 1) untimed ones.
-
-    The first warm-up run is timed: a step slower than budget_s raises StepTooSlow, and slow steps get only as many
-    timed runs (at least 3) as fit in budget_s, after that single warm-up (one long step is warm-up enough).
-    """
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if first > budget_s:
-        raise StepTooSlow(f"one {label} took {first:.1f} s (over --seconds-per-measurement {budget_s:g})")
-    if first * repeats <= budget_s:
-        runs = repeats
-        for _ in range(warmup - 1):
-            fn()
-    else:
-        runs = min(repeats, max(3, int(budget_s / first)))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(warmup: int, repeats: int) -> float:
-    """The rate of one large fp32 matmul: what the BLAS reaches on this machine with these threads."""
-    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    with torch.inference_mode():
-        seconds = median_seconds(lambda: a @ b, warmup, repeats)
-    return 2 * MATMUL_SIZE**3 / seconds / 1e9
-
-
-def count_flops(fn) -> int:
-    """FLOPs of the matmul-like ops fn runs (FlopCounterMode ignores norms, activations and optimizer updates)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def example_batch(model, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
