@@ -473,12 +473,12 @@ def test_near_zero_fraction_counts_blocks_the_penalty_emptied():
 
 @pytest.mark.slow
 def test_small_reproduction_forgets_keeps_and_selects_few_blocks(tmp_path):
-    """evaluation/reproduce/gs_lora.py at a smaller size (patches of 8 pixels, 25 base epochs) with the full run's
+    """evaluation/reproduce/gs_lora.py at a smaller size (patches of 8 pixels, 30 base epochs) with the full run's
     forgetting hyper-parameters, GS-LoRA only: a 6-block ViT trained on shapes, then 3 tasks x 2 classes with
-    16-shot replay; the paper's three claims in every task. (With 20 base epochs the base is too weak: task 3's
-    forgetting failed on two threads.)"""
+    16-shot replay; the paper's three claims in every task. (A weaker base fails them: with 20 base epochs task 3's
+    forgetting failed on two threads; with 25, under transformers 5.25 / torch 2.13, task 2 lost 4.8 kept points.)"""
     reproduce = _reproduction()
-    setting = reproduce.Setting(patch_size=8, base_epochs=25, num_test=1000, methods=("GS-LoRA",))
+    setting = reproduce.Setting(patch_size=8, base_epochs=30, num_test=1000, methods=("GS-LoRA",))
     results = reproduce.run(setting, tmp_path, log=lambda *_: None)
     rows = results["methods"]["GS-LoRA"]
     assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"], ["cross", "ring"]]

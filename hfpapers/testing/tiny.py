@@ -37,7 +37,8 @@ _READ_RESERVED = range(6)  # ids of the tiny READ's special tokens (<pad>, <unk>
 def wrong_inputs(task: str, config, batch_size: int = 2) -> dict[str, torch.Tensor]:
     """Inputs of a wrong shape, which a model must reject with an error naming the expected shape."""
     if task == "image-classification":
-        return {"pixel_values": torch.randn(batch_size, config.num_channels, config.image_size + 1, config.image_size)}
+        # a channel too many: every image classifier refuses it (EfficientViM takes any height and width)
+        return {"pixel_values": torch.randn(batch_size, config.num_channels + 1, config.image_size, config.image_size)}
     if task == "sentence-embedding":
         return {"input_ids": torch.ones(batch_size, config.max_length + 1, dtype=torch.long)}
     if task == "reasoning-segmentation":
