@@ -27,12 +27,10 @@ a bound on handler threads. `private` is only recorded.
 from __future__ import annotations
 
 import base64
-import binascii
 import fcntl
 import hashlib
 import hmac
 import json
-import mmap
 import os
 import re
 import secrets

@@ -18,6 +18,7 @@ from .config import GSLoRAConfig
 
 __all__ = ["GSLoRARunner", "forgetting_result", "parse_task"]
 
+
 def parse_task(text: str) -> list:
     """One `--tasks` value: class names or ids, comma-separated."""
     classes = [int(c) if c.strip().isdigit() else c.strip() for c in text.split(",") if c.strip()]
