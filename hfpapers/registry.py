@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import pkgutil
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -73,7 +74,12 @@ class ResolvedPreset:
         return {**self.values, **derived, **self.overrides}
 
     def new_config(self, **derived: Any):
-        config = self.config_class(**self.merged(**derived))
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            config = self.config_class(**self.merged(**derived))
+        except StrictDataclassError as error:  # a value the config's own checks refuse: one line, not a traceback
+            raise ValueError(" ".join(str(error).split())) from error
         config.auto_map = dict(self.auto_map)
         return config
 
@@ -192,12 +198,19 @@ class MethodRecord:
         if head not in self.model_classes:
             raise KeyError(f"{self.slug!r} has no {head!r}; available: {', '.join(self.model_classes) or 'none'}")
         overrides = dict(config_overrides or {})
+        config_class = self.load(self.config_class) if self.kind == "model" else None
+        model_class = self.load(self.model_classes[head])
+        # A misspelt value would otherwise be stored in config.json and do nothing.
+        known = ({f.name for f in fields(config_class)} | {"num_labels"} if config_class is not None
+                 else set(inspect.signature(model_class.from_configs).parameters))
+        if unknown := sorted(set(overrides) - known):
+            raise TypeError(f"unknown config values {unknown} for {self.slug!r}; its config takes: "
+                            f"{', '.join(sorted(known))}")
         return ResolvedPreset(
             name=name, values={**preset.config, **overrides}, overrides=overrides, training=dict(preset.training),
-            config_class=self.load(self.config_class) if self.kind == "model" else None,
-            model_class=self.load(self.model_classes[head]),
+            config_class=config_class, model_class=model_class,
             processor_factory=self.load(self.processor) if self.processor else None,
-            auto_map={name: ".".join(dotted.split(".")[-2:]) for name, dotted in
+            auto_map={auto: ".".join(dotted.split(".")[-2:]) for auto, dotted in
                       {"AutoConfig": self.config_class, **self.model_classes}.items()} if self.kind == "model" else {})
 
     def get_preset(self, name: str) -> Preset:

@@ -111,3 +111,16 @@ def test_version():
     import hfpapers
 
     assert run_cli("--version").stdout.strip() == f"hfpapers {hfpapers.__version__}"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--config", "num_block=6"], "unknown config values ['num_block'] for 'scaling-mlp'"),
+    (["--config", "num_blocks=-2"], "num_blocks must be a positive integer, got -2"),
+    (["--set", "mixup_alpha=-1"], "{'mixup_alpha': -1} out of range"),
+])
+def test_bad_config_and_recipe_values_are_one_line_before_training(args, message, tmp_path):
+    """A misspelt config value was stored and ignored; a bad one printed a traceback; a negative mixup trained."""
+    proc = run_cli("train", "scaling-mlp", "--output-dir", tmp_path / "out", *args, *small_dataset_args(), check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

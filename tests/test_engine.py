@@ -77,9 +77,9 @@ def test_two_processes_share_the_work(method, tmp_path):
     if method == "llm-embedding":  # text triplets; its tiny decoder's warm-up is a first fit in the same processes
         command += ["--dataset-option", "num_train=256", "--dataset-option", "num_test=64",
                     "--set", "pretrain_epochs=1"]
-    elif method == "layerdiffusion":  # RGBA layers; its small VAE's warm-up is a first fit in the same processes
+    elif method == "layerdiffusion":  # RGBA layers; its small VAE's warm-up runs in each process
         command += ["--dataset-option", "resolution=32", "--dataset-option", "num_train=256",
-                    "--dataset-option", "num_test=64", "--set", "pretrain_vae_epochs=1"]
+                    "--dataset-option", "num_test=64", "--set", "pretrain_vae_steps=5"]
     elif method == "read":  # referring scenes; its small SAM's warm-up is a first fit in the same processes
         command += ["--dataset-option", "num_train=256", "--dataset-option", "num_test=32",
                     "--set", "sam_pretrain_epochs=1"]

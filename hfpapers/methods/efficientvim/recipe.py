@@ -95,6 +95,18 @@ class EfficientViMRecipe(ImageClassificationRecipe):
 
     def __post_init__(self):
         self._teacher_model = None
+        probabilities = {"label_smoothing": self.label_smoothing, "mix_switch_prob": self.mix_switch_prob,
+                         "random_erasing": self.random_erasing, "mesa_start": self.mesa_start,
+                         "distillation_alpha": self.distillation_alpha}
+        bad = {name: value for name, value in probabilities.items() if not 0 <= value <= 1}
+        bad.update({name: value for name, value in (("mixup_alpha", self.mixup_alpha),
+                                                    ("cutmix_alpha", self.cutmix_alpha),
+                                                    ("warmup_epochs", self.warmup_epochs),
+                                                    ("cooldown_epochs", self.cooldown_epochs),
+                                                    ("mesa_weight", self.mesa_weight)) if value < 0})
+        if bad:
+            raise ValueError(f"EfficientViMRecipe: {bad} out of range (probabilities in [0, 1]; alphas, weights and "
+                             "epochs >= 0)")
 
     def build_optimizer(self, model, args):
         # As the official grouping: no decay for 1-D tensors and biases (BatchNorm, A, D, fusion weights).

@@ -59,6 +59,20 @@ class ScalingMLPRecipe(ImageClassificationRecipe):
 
     metric = "accuracy"
 
+    def __post_init__(self):
+        bad = {}
+        if not 0 <= self.label_smoothing < 1:
+            bad["label_smoothing"] = self.label_smoothing
+        if self.mixup_alpha < 0:
+            bad["mixup_alpha"] = self.mixup_alpha
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            bad["crop_scale"] = self.crop_scale
+        if self.optimizer not in ("lion", "sgd", "adamw"):
+            bad["optimizer"] = self.optimizer
+        if bad:
+            raise ValueError(f"ScalingMLPRecipe: {bad} out of range (label_smoothing in [0, 1), mixup_alpha >= 0, "
+                             "0 < crop_scale[0] <= crop_scale[1] <= 1, optimizer lion | sgd | adamw)")
+
     def build_optimizer(self, model, args):
         if self.optimizer == "lion":
             return Lion(model.parameters(), lr=args.learning_rate, betas=self.betas, weight_decay=args.weight_decay)
