@@ -327,7 +327,17 @@ def load_pretrained(record: MethodRecord, folder: str):
     register_with_transformers()
     import transformers
 
-    return getattr(transformers, record.head_auto_class).from_pretrained(folder)
+    try:  # safetensors only: a pickled checkpoint is never read
+        model, info = getattr(transformers, record.head_auto_class).from_pretrained(
+            folder, use_safetensors=True, output_loading_info=True)
+    except OSError as error:
+        raise ValueError(f"{folder}: no safetensors weights of a {record.slug!r} model to load "
+                         f"({' '.join(str(error).split())[:200]})") from error
+    # transformers fills missing weights with fresh ones and only warns: an evaluation of those would be noise
+    if missing := [*info["missing_keys"], *info["mismatched_keys"]]:
+        raise ValueError(f"{folder}: its weights do not fit the {record.slug!r} model (missing or mis-shaped: "
+                         f"{sorted(map(str, missing))[:5]})")
+    return model
 
 
 def create_processor(slug: str, config):

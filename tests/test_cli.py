@@ -124,3 +124,22 @@ def test_bad_config_and_recipe_values_are_one_line_before_training(args, message
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_eval_reads_safetensors_only_and_refuses_weights_that_do_not_fit(trained_folder, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(trained_folder, pickled, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints"))
+    torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    proc = run_cli("eval", pickled, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no safetensors weights of a 'scaling-mlp' model" in proc.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(trained_folder, partial, ignore=shutil.ignore_patterns("checkpoints"))
+    save_file({"classifier.weight": torch.zeros(4, 128)}, partial / "model.safetensors", metadata={"format": "pt"})
+    proc = run_cli("eval", partial, check=False)
+    assert proc.returncode == 1 and "its weights do not fit the 'scaling-mlp' model" in proc.stderr, proc.stderr
