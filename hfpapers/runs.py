@@ -122,6 +122,7 @@ def run(slug: str, model: str, output_dir: str, *, preset: str | None = None, da
     from accelerate import PartialState
 
     from . import data
+    from .engine import process_state
     from .registry import TRAINED_KINDS, get_method
 
     record = get_method(slug)
@@ -134,7 +135,7 @@ def run(slug: str, model: str, output_dir: str, *, preset: str | None = None, da
     if dataset_kwargs is None:
         dataset_kwargs = dict(record.dataset_kwargs) if dataset == record.dataset else {}
     output = Path(output_dir)
-    _start_output_dir(output, overwrite_output_dir, PartialState())
+    _start_output_dir(output, overwrite_output_dir, process_state())
     datasets = data.load(dataset, columns=dict(columns or {}), **dataset_kwargs)
     runner = record.load(record.runner)()
     result = runner.run(config, str(model), datasets, output, **options)

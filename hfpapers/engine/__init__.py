@@ -13,8 +13,9 @@ from .entrypoints import evaluate_folder, train, warm_start
 from .loop import FitResult, NonFiniteLossError, evaluate, fit
 from .recipe import ImageClassificationRecipe, Recipe, TensorDataset
 from .run_folder import CURVES_FILE, METRICS_FILE, RESULTS_FILE, RUN_FILE, STATE_FILE, plot_curves
-from .state import Callback, TrainingState
+from .state import Callback, TrainingState, process_state
 
 __all__ = ["CURVES_FILE", "METRICS_FILE", "RESULTS_FILE", "RUN_FILE", "STATE_FILE", "Callback", "FitResult",
            "ImageClassificationRecipe", "NonFiniteLossError", "Recipe", "TensorDataset", "TrainingArguments",
-           "TrainingState", "evaluate", "evaluate_folder", "fit", "plot_curves", "train", "warm_start"]
+           "TrainingState", "evaluate", "evaluate_folder", "fit", "plot_curves", "process_state", "train",
+           "warm_start"]

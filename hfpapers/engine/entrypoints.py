@@ -13,6 +13,7 @@ import torch
 from . import run_folder as rf
 from .arguments import TrainingArguments
 from .loop import FitResult, evaluate, fit
+from .state import process_state
 
 
 def train(
@@ -51,8 +52,7 @@ def train(
                         f"recipe fields: {recipe_fields}")
     recipe = recipe_class(**{k: v for k, v in settings.items() if k in recipe_fields})
     args = TrainingArguments(output_dir=output_dir, **{k: v for k, v in settings.items() if k not in recipe_fields})
-    # cpu=True as in `fit`: it is what makes `accelerate launch` processes one (gloo) group on a CPU-only machine.
-    _start_output_dir(Path(output_dir), args, PartialState(cpu=not torch.accelerator.is_available()))
+    _start_output_dir(Path(output_dir), args, process_state())
     dataset = dataset or record.dataset
     if dataset_kwargs is None:
         dataset_kwargs = dict(record.dataset_kwargs) if dataset == record.dataset else {}

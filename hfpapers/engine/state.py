@@ -62,3 +62,12 @@ class Callback:
 
     def on_train_end(self, state: TrainingState, model, accelerator) -> None:
         """After the last epoch, before the final weights are saved."""
+
+
+def process_state():
+    """This run's processes (accelerate's `PartialState`). On a machine without an accelerator `cpu=True` is what
+    makes `accelerate launch` processes one gloo group; the first `PartialState` made fixes that for the whole run,
+    so every entry point asks for it here first."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.accelerator.is_available())

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from ...engine import process_state
+
 from .adapters import block_norms, find_ffn_targets, lora_config, lora_groups
 from .config import GSLoRAConfig
 from .losses import class_prototypes
@@ -83,9 +85,7 @@ class ContinualForgetter:
         self.base_model = model.name_or_path
         self.processor = processor
         self.targets = find_ffn_targets(model, self.config.target_modules) if self.config.tune == "lora" else None
-        # cpu=True on a machine without an accelerator, as the engine does: it is what lets `accelerate launch`
-        # processes form a gloo group, and the first PartialState fixes that for the whole run.
-        self.model = model.to(PartialState(cpu=not torch.accelerator.is_available()).device)
+        self.model = model.to(process_state().device)
         self._requires_grad = [p.requires_grad for p in model.parameters()]
         self.id2label = {int(i): name for i, name in model.config.id2label.items()}
         self.eval_set = self._encode(eval_data, "eval_data") if eval_data is not None else None
