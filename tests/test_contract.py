@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 import hfpapers
 from hfpapers.registry import KIND_LIBRARY, TRAINED_KINDS, Preset
-from hfpapers.testing.tiny import bad_inputs
+from hfpapers.testing.tiny import bad_inputs, bad_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "hfpapers"
@@ -174,22 +174,27 @@ def test_import_rules():
     assert not broken, "\n".join(broken)
 
 
-BAD_INPUT_CASES = [(record, auto_name, i) for record in RECORDS if record.kind == "model"
+def _tiny_config(record):
+    return record.load(record.config_class)(**record.preset("tiny")) if record.kind == "model" else None
+
+
+BAD_INPUT_CASES = [(record, auto_name, i) for record in RECORDS if record.kind in ("model", "diffusers")
                    for auto_name in record.model_classes
-                   for i in range(len(bad_inputs(record.task, record.load(record.config_class)(**record.preset("tiny")))))]
+                   for i in range(len(bad_inputs(record.task, _tiny_config(record))))]
 
 
 @pytest.mark.parametrize(("record", "auto_name", "case"), BAD_INPUT_CASES,
                          ids=[f"{r.slug}-{a}-{i}" for r, a, i in BAD_INPUT_CASES])
 def test_bad_inputs_are_one_clear_error(record, auto_name, case):
-    """At least ten bad inputs per model class, each refused with one ValueError saying what was expected."""
+    """At least ten bad inputs per model class (a diffusers model: its `encode`), each refused with one ValueError
+    saying what was expected."""
     torch.manual_seed(0)
     model = hfpapers.create_model(record.slug, preset="tiny", head=auto_name).eval()
-    cases = bad_inputs(record.task, model.config)
+    cases = bad_inputs(record.task, _tiny_config(record))
     assert len(cases) >= 10
     name, inputs, message = cases[case]
     with pytest.raises(ValueError, match=message), torch.no_grad():
-        model(**inputs)
+        (model.encode if record.kind == "diffusers" else model)(**inputs)
 
 
 MODEL_RECORDS = [r for r in RECORDS if r.kind == "model"]
@@ -233,3 +238,20 @@ def test_loads_through_every_auto_class_where_hfpapers_cannot_be_imported(record
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=folder.parent,
                          stdin=subprocess.DEVNULL, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+RUN_RECORDS = [r for r in RECORDS if r.kind not in TRAINED_KINDS]
+BAD_SETTING_CASES = [(record, i) for record in RUN_RECORDS for i in range(len(bad_settings(record.slug)))]
+
+
+@pytest.mark.parametrize(("record", "case"), BAD_SETTING_CASES,
+                         ids=[f"{r.slug}-{i}" for r, i in BAD_SETTING_CASES])
+def test_bad_run_settings_are_one_clear_error(record, case):
+    """At least ten settings a procedure or analysis refuses, each with one error, before anything runs."""
+    from hfpapers.runs import resolve_config
+
+    cases = bad_settings(record.slug)
+    assert len(cases) >= 10
+    name, settings, message = cases[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        resolve_config(record, None, settings)

@@ -52,6 +52,24 @@ def wrong_inputs(task: str, config, batch_size: int = 2) -> dict[str, torch.Tens
 def bad_inputs(task: str, config) -> list[tuple[str, dict, str]]:
     """(case, inputs, regex of the expected message): inputs every model of `task` must refuse with one clear
     ValueError that says what was expected (the contract suite's bad-input table)."""
+    if task == "text-to-image":  # a transparent VAE's `encode(rgba)`: straight RGBA in [0, 1], sides multiples of 8
+        rgba = torch.rand(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+
+        def filled(value):
+            return rgba.clone().index_fill_(3, torch.tensor([0]), value)
+
+        return [
+            ("60x60", {"rgba": rgba[..., :60, :60]}, r"multiples of 8.*got 60x60.*e\.g\. to 56x56"),
+            ("64x60", {"rgba": rgba[..., :60]}, r"multiples of 8.*got 64x60"),
+            ("uint8", {"rgba": (rgba * 255).to(torch.uint8)}, r"float RGBA in \[0, 1\], got torch.uint8"),
+            ("0-255 floats", {"rgba": rgba * 255}, r"values in \[0, 1\], got values from 0.* to 2\d\d"),
+            ("negative", {"rgba": filled(-0.5)}, r"values in \[0, 1\], got values from -0.5"),
+            ("nan", {"rgba": filled(float("nan"))}, r"NaN or infinite"),
+            ("inf", {"rgba": filled(float("inf"))}, r"NaN or infinite"),
+            ("empty batch", {"rgba": rgba[:0]}, r"at least one RGBA image.*\(0, 4, 64, 64\)"),
+            ("RGB", {"rgba": rgba[:, :3]}, r"\(batch, 4, height, width\).*got shape \(1, 3, 64, 64\)"),
+            ("numpy", {"rgba": rgba.numpy()}, r"got ndarray"),
+        ]
     good = tiny_inputs(task, config, batch_size=2)
     if task == "image-classification":
         x = good["pixel_values"]
@@ -110,3 +128,26 @@ def bad_inputs(task: str, config) -> list[tuple[str, dict, str]]:
             ("int64 pixels", {**good, "pixel_values": pixels.long()}, "normalised floats"),
         ]
     raise ValueError(f"no bad inputs for task {task!r}; add them to hfpapers.testing.tiny")
+
+
+def bad_settings(slug: str) -> list[tuple[str, dict, str]]:
+    """(case, settings, regex of the expected message): `hfpapers run <slug> --set ...` values a procedure or
+    analysis must refuse with one clear error before anything runs (the contract suite's table for run kinds)."""
+    if slug == "gs-lora":
+        return [
+            ("group type", {"group_type": "layer"}, "group_type must be one of"),
+            ("rank", {"rank": 0}, "rank=0"),
+            ("full tuning with a penalty", {"tune": "full"}, "set alpha=0"),
+            ("tune", {"tune": "all"}, "tune must be 'lora' or 'full'"),
+            ("learning rate", {"learning_rate": 0.0}, "learning_rate=0.0"),
+            ("negative beta", {"beta": -0.1}, "beta=-0.1"),
+            ("empty per-task beta", {"beta": ()}, "beta needs one value, or one per task"),
+            ("negative bound", {"bound": -1.0}, "bound=-1.0"),
+            ("few-shot", {"few_shot": 0}, "few_shot must be at least 1"),
+            ("ema decay", {"ema_decay": 1.5}, "ema_decay must lie in"),
+            ("ema start", {"num_epochs": 5, "ema_start_epoch": 5}, "ema_start_epoch must lie in"),
+            ("per-task prototype weight", {"prototype_forget_weight": (0.1, -1.0)},
+             "prototype_forget_weight=.* out of range"),
+            ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
+        ]
+    raise ValueError(f"no bad settings for {slug!r}; add them to hfpapers.testing.tiny")
