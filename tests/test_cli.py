@@ -143,3 +143,19 @@ def test_eval_reads_safetensors_only_and_refuses_weights_that_do_not_fit(trained
     save_file({"classifier.weight": torch.zeros(4, 128)}, partial / "model.safetensors", metadata={"format": "pt"})
     proc = run_cli("eval", partial, check=False)
     assert proc.returncode == 1 and "its weights do not fit the 'scaling-mlp' model" in proc.stderr, proc.stderr
+
+
+def test_a_schedule_longer_than_the_run_is_refused_before_any_data_is_built(tmp_path, monkeypatch):
+    """EfficientViM's warm-up + cool-down (2 epochs in its tiny preset) leave no room in one epoch: said at once, not
+    after its 2,400 images are drawn."""
+    from hfpapers import data
+    from hfpapers.engine import train
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was built before the arguments were checked")
+
+    monkeypatch.setattr(data, "load", no_data)
+    message = r"warmup_epochs \(1\) \+ cooldown_epochs \(1\) must be fewer than num_epochs \(1\)"
+    with pytest.raises(ValueError, match=message):
+        train("efficientvim", str(tmp_path / "out"), num_epochs=1)
+    assert not (tmp_path / "out").exists()

@@ -52,6 +52,7 @@ def train(
                         f"recipe fields: {recipe_fields}")
     recipe = recipe_class(**{k: v for k, v in settings.items() if k in recipe_fields})
     args = TrainingArguments(output_dir=output_dir, **{k: v for k, v in settings.items() if k not in recipe_fields})
+    recipe.check_arguments(args)
     _start_output_dir(Path(output_dir), args, process_state())
     dataset = dataset or record.dataset
     if dataset_kwargs is None:

@@ -64,6 +64,10 @@ class Recipe(ABC):
     def prepare_dataset(self, dataset, processor) -> torch.utils.data.Dataset:
         """One split of a `datasets.Dataset` as a torch dataset whose items `collate` batches."""
 
+    def check_arguments(self, args: TrainingArguments) -> None:
+        """Raise when the recipe cannot train with `args` (e.g. a schedule longer than the run); called before any
+        data is built."""
+
     def check_eval_dataset(self, model, dataset) -> None:
         """Raise when a dataset cannot evaluate `model` (e.g. other labels); called by `evaluate_folder`."""
 

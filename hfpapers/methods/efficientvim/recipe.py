@@ -117,12 +117,15 @@ class EfficientViMRecipe(ImageClassificationRecipe):
                                   {"params": no_decay, "weight_decay": 0.0}],
                                  lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
-    def build_scheduler(self, optimizer, args, total_steps, steps_per_epoch):
-        warmup = self.warmup_epochs * steps_per_epoch
-        cooldown = self.cooldown_epochs * steps_per_epoch
-        if warmup + cooldown >= total_steps:
+    def check_arguments(self, args):
+        if self.warmup_epochs + self.cooldown_epochs >= args.num_epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) + cooldown_epochs ({self.cooldown_epochs}) must "
                              f"be fewer than num_epochs ({args.num_epochs})")
+
+    def build_scheduler(self, optimizer, args, total_steps, steps_per_epoch):
+        self.check_arguments(args)
+        warmup = self.warmup_epochs * steps_per_epoch
+        cooldown = self.cooldown_epochs * steps_per_epoch
         base, cosine = args.learning_rate, total_steps - warmup - cooldown
 
         def lr_at(step: int) -> float:
