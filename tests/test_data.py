@@ -85,3 +85,30 @@ def test_local_text_triplets_with_column_mapping(tmp_path):
         load(str(tmp_path), required=required, columns={"query": "question"})
     with pytest.raises(ValueError, match=r"cannot map column\(s\) \['label'\]"):
         load(str(tmp_path), required=required, columns={"label": "id"})
+
+
+@pytest.mark.parametrize("name, options", [
+    ("shapes", {"resolution": 8, "num_train": 4, "num_test": 2}),
+    ("rgba_layers", {"resolution": 16, "num_train": 2, "num_test": 2}),
+    ("referring_scenes", {"num_train": 2, "num_test": 2}),
+    ("triplets", {"num_train": 2, "num_test": 2}),
+])
+def test_building_an_embedded_dataset_shows_a_progress_bar_unless_bars_are_off(capsys, name, options):
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    load(name, **options)
+    err = capsys.readouterr().err
+    assert f"building {name} (train)" in err and f"building {name} (test)" in err and "100%" in err, err
+    disable_progress_bars("hfpapers")  # this library's bars only
+    try:
+        load(name, **options)
+    finally:
+        enable_progress_bars("hfpapers")
+    assert capsys.readouterr().err == ""
+    logging.disable_progress_bar()  # every Hugging Face bar, as transformers turns them off
+    try:
+        load(name, **options)
+    finally:
+        logging.enable_progress_bar()
+    assert capsys.readouterr().err == ""

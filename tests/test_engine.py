@@ -474,3 +474,63 @@ def test_report_to_sends_metrics_to_accelerate_trackers(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"report_to=\['tensorboard'\] needs its package installed "
                                          r"\(pip install tensorboard\)"):
         fit_regression(tmp_path / "tb", report_to="tensorboard")
+
+
+# ------------------------------------------------------------------ progress bars beyond fit
+
+
+def test_warm_up_stages_show_a_progress_bar_unless_bars_are_off(tmp_path, capsys):
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    from hfpapers.engine import warm_start
+
+    warm_start(tmp_path / "base-regressor", Regressor, regression_data(), RegressionRecipe(), seed=0, num_epochs=1,
+               per_device_train_batch_size=8)
+    err = capsys.readouterr().err
+    assert "warm-up base-regressor" in err and "8/8" in err, err
+    disable_progress_bars("hfpapers")
+    try:
+        warm_start(tmp_path / "again", Regressor, regression_data(), RegressionRecipe(), seed=0, num_epochs=1,
+                   per_device_train_batch_size=8)
+    finally:
+        enable_progress_bars("hfpapers")
+    assert capsys.readouterr().err == ""
+
+
+def test_no_progress_also_silences_data_building_and_warm_up_bars(tmp_path, capsys):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from hfpapers.engine import train
+
+    train("scaling-mlp", str(tmp_path), dataset_kwargs={"resolution": 8, "num_train": 64, "num_test": 16,
+                                                        "num_classes": 3},
+          num_epochs=1, per_device_train_batch_size=64, progress_bar=False)
+    err = capsys.readouterr().err
+    # (transformers' own "Writing model shards" bar follows HF_HUB_DISABLE_PROGRESS_BARS, not this flag)
+    assert "building" not in err and "train:" not in err, err
+    assert not are_progress_bars_disabled("hfpapers")  # on again after the run
+
+
+def test_each_gs_lora_task_shows_a_progress_bar_unless_bars_are_off(tmp_path, capsys):
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    import hfpapers
+    from hfpapers.methods.gs_lora import ContinualForgetter, GSLoRAConfig
+
+    torch.manual_seed(0)
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", image_size=4, num_labels=3, num_blocks=1,
+                                  hidden_size=8)
+    images = datasets.Dataset.from_dict({"pixel_values": torch.randn(24, 3, 4, 4).tolist(),
+                                         "label": [i % 3 for i in range(24)]})
+    config = GSLoRAConfig(rank=2, num_epochs=1, batch_size=8, alpha=1e-3)
+    forgetter = ContinualForgetter(model, config, eval_data=images, output_dir=str(tmp_path))
+    forgetter.forget([0], images.filter(lambda r: r["label"] == 0), images.filter(lambda r: r["label"] != 0))
+    err = capsys.readouterr().err
+    assert "forgetting task 1: 100%" in err, err
+    disable_progress_bars("hfpapers")
+    try:
+        forgetter.forget([1], images.filter(lambda r: r["label"] == 1), images.filter(lambda r: r["label"] == 2))
+    finally:
+        enable_progress_bars("hfpapers")
+    assert "forgetting task 2" not in capsys.readouterr().err

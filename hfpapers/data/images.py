@@ -56,6 +56,8 @@ def build_shapes(
     """
     import datasets
 
+    from ..engine.loop import progress_bar
+
     if not 1 <= num_classes <= len(SHAPE_KINDS):
         raise ValueError(f"num_classes must be between 1 and {len(SHAPE_KINDS)}, got {num_classes}")
     if resolution < 8:
@@ -67,7 +69,7 @@ def build_shapes(
         labels = [i % num_classes for i in range(size)]
         images = [
             draw_shape(kinds[label], resolution, np.random.default_rng([seed, split_id, i]))
-            for i, label in enumerate(labels)
+            for i, label in enumerate(progress_bar(labels, desc=f"building shapes ({split})"))
         ]
         splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     return datasets.DatasetDict(splits)

@@ -22,12 +22,15 @@ def build_rgba_layers(seed: int = 0, resolution: int = 64, num_train: int = 1024
     """
     import datasets
 
+    from ..engine.loop import progress_bar
+
     if resolution < 16:
         raise ValueError(f"resolution must be at least 16 pixels, got {resolution}")
     features = datasets.Features({"image": datasets.Image()})
     splits = {}
     for split_id, (split, size) in enumerate((("train", num_train), ("test", num_test))):
-        images = [draw_layer(resolution, np.random.default_rng([seed, split_id, i])) for i in range(size)]
+        images = [draw_layer(resolution, np.random.default_rng([seed, split_id, i]))
+                  for i in progress_bar(range(size), desc=f"building rgba_layers ({split})")]
         splits[split] = datasets.Dataset.from_dict({"image": images}, features=features)
     return datasets.DatasetDict(splits)
 

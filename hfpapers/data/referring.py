@@ -108,6 +108,8 @@ def build_referring_scenes(
     """
     import datasets
 
+    from ..engine.loop import progress_bar
+
     height, width = _image_size(image_size)
     for name, value in (("num_train", num_train), ("num_test", num_test)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -121,7 +123,7 @@ def build_referring_scenes(
     splits = {}
     for split_id, (split, size) in enumerate((("train", num_train), ("test", num_test))):
         rows = [draw_scene(height, width, np.random.default_rng([seed, split_id, i]), min_objects, max_objects,
-                           families) for i in range(size)]
+                           families) for i in progress_bar(range(size), desc=f"building referring_scenes ({split})")]
         columns = {key: [row[key] for row in rows] for key in ("image", "question", "answer", "mask")}
         splits[split] = datasets.Dataset.from_dict(columns, features=features)
     return datasets.DatasetDict(splits)

@@ -90,6 +90,8 @@ def build_triplets(seed: int = 0, num_train: int = 2000, num_test: int = 200):
     """
     import datasets
 
+    from ..engine.loop import progress_bar
+
     world, entities = _world(seed), _entities()
 
     def sample(split: str, i: int) -> dict[str, str]:
@@ -109,7 +111,8 @@ def build_triplets(seed: int = 0, num_train: int = 2000, num_test: int = 200):
         return {"query": query, "positive": positive, "negative": negative}
 
     def split(name: str, n: int):
-        return datasets.Dataset.from_list([sample(name, i) for i in range(n)])
+        return datasets.Dataset.from_list([sample(name, i)
+                                           for i in progress_bar(range(n), desc=f"building triplets ({name})")])
 
     return datasets.DatasetDict(train=split("train", num_train), test=split("test", num_test))
 

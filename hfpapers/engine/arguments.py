@@ -30,6 +30,7 @@ class TrainingArguments:
     log_every_steps: int = 10
     progress_bar: bool = True
     report_to: str | list[str] = "none"  # accelerate trackers: "none", "all", "tensorboard", "wandb", ... or a list
+    neural_collapse: bool = False  # record NC1-NC4 of the classifier's penultimate features on the eval set each epoch
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -35,6 +35,7 @@ def train(
     """
     from accelerate import PartialState
     from accelerate.utils import set_seed
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     from .. import cards, data
     from ..registry import get_method
@@ -53,14 +54,26 @@ def train(
     recipe = recipe_class(**{k: v for k, v in settings.items() if k in recipe_fields})
     args = TrainingArguments(output_dir=output_dir, **{k: v for k, v in settings.items() if k not in recipe_fields})
     recipe.check_arguments(args)
+    if resolved.config_class is not None:
+        resolved.new_config()  # a bad config value fails here, not after the data is built
     _start_output_dir(Path(output_dir), args, process_state())
+    if args.resume_from is not None:
+        rf.find_checkpoint(Path(output_dir), args.resume_from)  # none to resume from fails before the data is built
     dataset = dataset or record.dataset
     if dataset_kwargs is None:
         dataset_kwargs = dict(record.dataset_kwargs) if dataset == record.dataset else {}
     columns = dict(columns or {})
-    datasets = data.load(dataset, required=recipe.columns, columns=columns, seed=args.seed, **dataset_kwargs)
-    set_seed(args.seed)  # the same initial weights for the same seed, resumed or not
-    model, processor = recipe.build_model(resolved, datasets, args)
+    # `progress_bar=False` (`--no-progress`) also silences the bars of data building and warm-up stages.
+    quiet = not args.progress_bar and not are_progress_bars_disabled("hfpapers")
+    if quiet:
+        disable_progress_bars("hfpapers")
+    try:
+        datasets = data.load(dataset, required=recipe.columns, columns=columns, seed=args.seed, **dataset_kwargs)
+        set_seed(args.seed)  # the same initial weights for the same seed, resumed or not
+        model, processor = recipe.build_model(resolved, datasets, args)
+    finally:
+        if quiet:
+            enable_progress_bars("hfpapers")
     run = {"method": slug, "preset": preset, "dataset": dataset, "dataset_kwargs": dataset_kwargs,
            "columns": columns, "config_overrides": config_overrides}
     result = fit(model, datasets, recipe, args, processor, run=run)
@@ -91,9 +104,8 @@ def warm_start(output_dir: str | Path, build_model, datasets, recipe, *, seed: i
     output_dir = Path(output_dir)
     if not (output_dir / "config.json").exists():
         torch.manual_seed(seed)
-        args = TrainingArguments(output_dir=str(output_dir), seed=seed, progress_bar=False,
-                                 overwrite_output_dir=True, **settings)
-        fit(build_model(), datasets, recipe, args, processor)
+        args = TrainingArguments(output_dir=str(output_dir), seed=seed, overwrite_output_dir=True, **settings)
+        fit(build_model(), datasets, recipe, args, processor, desc=f"warm-up {output_dir.name}")
         if PartialState().is_main_process:
             shutil.rmtree(output_dir / rf.CHECKPOINTS_DIR, ignore_errors=True)
         PartialState().wait_for_everyone()

@@ -16,7 +16,7 @@ import torch
 from . import run_folder as rf
 from .arguments import TrainingArguments
 from .recipe import Recipe
-from .state import Callback, TrainingState
+from .state import Callback, TrainingState, process_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,6 +32,19 @@ class FitResult:
     examples_per_process: list[int]  # training examples each process stepped through (this run, after resume)
     history: list[dict] = field(default_factory=list)
     ema_model: torch.nn.Module | None = None  # the weight average (what was evaluated and saved), when ema_decay is set
+
+
+def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = None, enabled: bool = True, **kwargs):
+    """The tqdm bar of every long step (training, warm-up stages, dataset building, a procedure's tasks).
+
+    Shown on the local main process only, and not where Hugging Face progress bars are off:
+    `HF_HUB_DISABLE_PROGRESS_BARS=1`, `huggingface_hub.utils.disable_progress_bars()` (or of the group "hfpapers"
+    alone), transformers' `logging.disable_progress_bar()`.
+    """
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, name="hfpapers",
+                disable=not (enabled and process_state().is_local_main_process), **kwargs)
 
 
 def _accelerator(args: TrainingArguments, output_dir: Path):
@@ -60,18 +73,21 @@ def _accelerator(args: TrainingArguments, output_dir: Path):
 
 
 def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None,
-        callbacks: list[Callback] | None = None, run: dict | None = None) -> FitResult:
+        callbacks: list[Callback] | None = None, run: dict | None = None, desc: str = "train") -> FitResult:
     """Train `model` on `datasets` ("train"/"test") with `recipe`; checkpoints and metrics go to args.output_dir.
 
     `callbacks` run before the recipe's own (`recipe.callbacks()`). `run` describes the run beyond its arguments
     (method, preset, dataset, ...): it is saved in every checkpoint, and a resume whose description or
-    arguments differ is refused.
+    arguments differ is refused. `desc` names the run on its progress bar.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     callbacks = [*(callbacks or []), *recipe.callbacks()]
+    if args.neural_collapse:
+        from ..analysis.neural_collapse import NeuralCollapseCallback
+
+        callbacks.append(NeuralCollapseCallback())
     accelerator = _accelerator(args, output_dir)
     set_seed(args.seed)
     train_set, eval_set = (recipe.prepare_dataset(datasets[split], processor) for split in ("train", "test"))
@@ -124,6 +140,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             with rf.writing(output_dir / rf.METRICS_FILE):
                 (output_dir / rf.METRICS_FILE).write_text("")
         accelerator.wait_for_everyone()
+    state.eval_dataloader = eval_dl
     if args.trackers:
         accelerator.init_trackers("hfpapers", config={k: v for k, v in asdict(args).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -139,8 +156,7 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
             rf.prune_checkpoints(output_dir, args.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    progress = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
-                    disable=not (args.progress_bar and accelerator.is_local_main_process))
+    progress = progress_bar(total=state.max_steps, initial=state.global_step, desc=desc, enabled=args.progress_bar)
     started = time.perf_counter() - state.train_seconds
     examples_seen = 0
     try:

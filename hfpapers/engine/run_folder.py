@@ -41,11 +41,13 @@ RESULTS_FILE = "train_results.json"
 RUN_FILE = "hfpapers_run.json"  # how the run was made (method, preset, dataset, arguments), read by `eval`
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # the trackers' files (`report_to`)
+NEURAL_COLLAPSE_FILE = "neural_collapse.png"  # NC1-NC4 per epoch (`neural_collapse=True`; values in metrics.jsonl)
 # What a run writes at the top of its folder; an earlier run's copies must go before a new run starts.
-RUN_ENTRIES = (CHECKPOINTS_DIR, METRICS_FILE, CURVES_FILE, RESULTS_FILE, RUN_FILE, LOGS_DIR)
+RUN_ENTRIES = (CHECKPOINTS_DIR, METRICS_FILE, CURVES_FILE, RESULTS_FILE, RUN_FILE, LOGS_DIR, NEURAL_COLLAPSE_FILE)
 # Training arguments a resume may change: where and how often it reports, not what it computes.
 RESUMABLE_ARGUMENTS = ("output_dir", "resume_from", "overwrite_output_dir", "progress_bar", "log_every_steps",
-                       "checkpoint_every_steps", "keep_checkpoints", "report_to", "per_device_eval_batch_size")
+                       "checkpoint_every_steps", "keep_checkpoints", "report_to", "per_device_eval_batch_size",
+                       "neural_collapse")
 
 
 # ------------------------------------------------------------------ writing files

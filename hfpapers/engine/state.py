@@ -24,13 +24,15 @@ class TrainingState:
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # every record written to metrics.jsonl
     ema_model: torch.nn.Module | None = field(default=None, repr=False)  # the weight average, when ema_decay is set
+    # The prepared (sharded) eval dataloader, for callbacks that measure the model on it; not saved.
+    eval_dataloader: object | None = field(default=None, repr=False)
 
     @property
     def max_steps(self) -> int:
         return self.steps_per_epoch * self.num_epochs
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ema_model"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ema_model", "eval_dataloader")}
 
     @classmethod
     def from_dict(cls, values: dict, ema_model: torch.nn.Module | None = None) -> "TrainingState":
