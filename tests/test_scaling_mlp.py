@@ -151,33 +151,50 @@ def test_image_processor_resizes_and_normalises_like_the_paper():
     assert processor(Image.new("RGB", (30, 20)), return_tensors="pt")["pixel_values"].shape == (1, 3, 8, 8)
 
 
-def box_average(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square (side, side, 3) array to (size, size, 3): output pixel i averages the input pixels whose
-    centres j + 0.5 lie in (i * s, (i + 1) * s], s = side / size (PIL's BOX filter); for an integer s this is the
-    exact area average of OpenCV's INTER_AREA."""
+def overlap_average(image: np.ndarray, size: int) -> np.ndarray:
+    """OpenCV's INTER_AREA by its definition, one pixel at a time: a square (side, side, 3) array to (size, size, 3),
+    where output pixel (i, k) covers the square [i s, (i + 1) s) x [k s, (k + 1) s), s = side / size, and each
+    input pixel counts with the area of its overlap with that square."""
     side = image.shape[0]
     s = side / size
-    centres = np.arange(side) + 0.5
-    weights = np.array([(centres > i * s) & (centres <= (i + 1) * s) for i in range(size)], dtype=np.float64)
-    weights /= weights.sum(1, keepdims=True)
-    return np.einsum("ij,jkc,lk->ilc", weights, image.astype(np.float64), weights)
+    out = np.zeros((size, size, image.shape[2]))
+    for i in range(size):
+        rows = np.arange(math.floor(i * s), min(side, math.ceil((i + 1) * s)))
+        heights = np.minimum((i + 1) * s, rows + 1) - np.maximum(i * s, rows)
+        for k in range(size):
+            cols = np.arange(math.floor(k * s), min(side, math.ceil((k + 1) * s)))
+            widths = np.minimum((k + 1) * s, cols + 1) - np.maximum(k * s, cols)
+            areas = heights[:, None] * widths[None, :]  # overlap of each input pixel with the output pixel
+            out[i, k] = (areas[..., None] * image[rows][:, cols]).sum((0, 1))
+    return out / (s * s)
 
 
-@pytest.mark.parametrize(("height", "width"), [(30, 50), (50, 30), (375, 500), (31, 17)])
-def test_image_processor_centre_crops_a_square_then_area_resizes(height, width):
+@pytest.mark.parametrize(("height", "width", "size"), [(375, 500, 64), (500, 375, 64), (37, 23, 16), (31, 17, 8),
+                                                       (9, 12, 16)])
+def test_image_processor_centre_crops_a_square_then_area_resizes(height, width, size):
     """The official test-time decoder (FFCV CenterCropRGBImageDecoder, ratio=1): the centred min(H, W) square,
-    then area resampling; not a stretch of the whole image."""
+    then OpenCV's INTER_AREA into uint8 (shrinking, and the two-tap overlap weights enlarging); not a stretch of the
+    whole image, and not PIL's BOX filter (up to 3.7/255 off at 375 -> 64)."""
     from hfpapers.methods.scaling_mlp import ScalingMLPConfig
     from hfpapers.registry import create_processor
 
-    processor = create_processor("scaling-mlp", ScalingMLPConfig(image_size=8))
+    processor = create_processor("scaling-mlp", ScalingMLPConfig(image_size=size))
     rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    expected = np.round(box_average(rgb[top:top + side, left:left + side], 8))
-    got = processor(Image.fromarray(rgb), return_tensors="pt", do_normalize=False, do_rescale=False)["pixel_values"]
-    assert got.shape == (1, 3, 8, 8)
-    assert np.abs(got[0].numpy().transpose(1, 2, 0) - expected).max() <= 1  # uint8 rounding
+    exact = overlap_average(rgb[top:top + side, left:left + side], size)
+    got = processor(Image.fromarray(rgb), return_tensors="np", do_normalize=False, do_rescale=False)["pixel_values"]
+    assert got.shape == (1, 3, size, size)
+    got = got[0].transpose(1, 2, 0)
+    not_a_tie = np.abs(exact % 1 - 0.5) > 1e-6  # rounded half up, as OpenCV; a float-level tie may go either way
+    np.testing.assert_array_equal(got[not_a_tie], np.floor(exact + 0.5)[not_a_tie])
+    assert np.abs(got - exact).max() <= 0.5 + 1e-6
+    # Unrounded, on float pixels: the same weights to float precision.
+    from hfpapers.methods.scaling_mlp.image_processing_scaling_mlp import area_resize
+
+    square = rgb[top:top + side, left:left + side].astype(np.float64)
+    np.testing.assert_allclose(area_resize(square.transpose(2, 0, 1), size, size).transpose(1, 2, 0), exact,
+                               atol=1e-9)
 
 
 def test_image_processor_area_resize_is_block_mean_for_integer_ratios():
@@ -190,6 +207,28 @@ def test_image_processor_area_resize_is_block_mean_for_integer_ratios():
     blocks = rgb[:, 16:64].reshape(8, 6, 8, 6, 3).astype(np.float64).mean((1, 3))
     got = processor(Image.fromarray(rgb), return_tensors="pt", do_normalize=False, do_rescale=False)["pixel_values"]
     assert np.abs(got[0].numpy().transpose(1, 2, 0) - np.round(blocks)).max() <= 1
+
+
+def test_pipeline_uses_the_saved_area_processor_without_asking_about_remote_code(tmp_path, capsys):
+    """The folder's processor is this method's class, found installed: `pipeline()` neither prompts for remote code
+    (it also probes for a video processor, named after the image processor's `auto_map`) nor falls back to another
+    processor."""
+    from transformers import pipeline
+
+    from hfpapers.methods.scaling_mlp.image_processing_scaling_mlp import ScalingMLPImageProcessor
+    from hfpapers.registry import create_processor
+
+    model = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=3).eval()
+    model.save_pretrained(tmp_path)
+    create_processor("scaling-mlp", model.config).save_pretrained(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    assert type(classifier.image_processor) is ScalingMLPImageProcessor
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (23, 37, 3), dtype=np.uint8))
+    scores = {r["label"]: r["score"] for r in classifier(image, top_k=3)}
+    pixels = torch.from_numpy(classifier.image_processor(image, return_tensors="np")["pixel_values"])
+    expected = model(pixel_values=pixels).logits.softmax(-1)[0]
+    assert scores == pytest.approx({model.config.id2label[i]: expected[i].item() for i in range(3)}, abs=1e-6)
+    assert "custom code" not in capsys.readouterr().out
 
 
 def test_lion_matches_its_update_rule_by_hand():
@@ -276,7 +315,8 @@ except ValueError as error:
 m = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
 assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
 p = AutoImageProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-assert type(p).__name__.startswith("PerceiverImageProcessor") and p.size == {{"height": 16, "width": 16}}
+assert type(p).__module__.startswith("transformers_modules"), type(p).__module__
+assert type(p).__name__ == "ScalingMLPImageProcessor" and p.size == {{"height": 16, "width": 16}}
 x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
 got = m(pixel_values=x).logits.detach().numpy()
 print(np.abs(got - np.load({str(tmp_path / 'expected.npy')!r})).max())

@@ -27,6 +27,7 @@ RECORD = MethodRecord(
         "AutoModelForImageClassification": f"{_MODULE}.modeling_scaling_mlp.ScalingMLPForImageClassification",
     },
     processor=f"{_MODULE}.image_processing_scaling_mlp.build_image_processor",
+    processor_class=f"{_MODULE}.image_processing_scaling_mlp.ScalingMLPImageProcessor",
     presets={
         "tiny": Preset({"image_size": 16, "num_channels": 3, "num_blocks": 2, "hidden_size": 128,
                         "expansion_factor": 4}, _TINY_TRAINING),
