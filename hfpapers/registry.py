@@ -7,10 +7,12 @@ classes a record names are imported only when transformers' Auto machinery is im
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
 import inspect
+import os
 import pkgutil
 import sys
 import threading
@@ -124,8 +126,12 @@ class MethodRecord:
     base_method: str | None = None  # procedures and analyses: whose zoo model `hfpapers zoo build` runs them on
     extra_arxiv_ids: tuple[str, ...] = ()  # further papers of the same method (e.g. a journal extension)
     processor: str | None = None  # dotted path of a function config -> image processor or tokenizer
-    processor_class: str | None = None  # dotted path of the method's own ProcessorMixin, registered with AutoProcessor
-    pipeline_class: str | None = None  # a transformers Pipeline for `task`, where no standard pipeline fits
+    # dotted path of the method's own ProcessorMixin (registered with AutoProcessor) or image processor (with
+    # AutoImageProcessor)
+    processor_class: str | None = None
+    # a transformers Pipeline for `task`, where no standard pipeline fits; diffusers: its DiffusionPipeline for `task`
+    # (every pipeline of that module is registered with diffusers)
+    pipeline_class: str | None = None
     converter: str | None = None  # dotted path of the module whose `main(argv)` converts official checkpoints
     status: str = "complete"  # one of STATUSES
     paper_results: Mapping[str, str] = field(default_factory=dict)  # what the paper reports, for the card
@@ -210,8 +216,24 @@ class MethodRecord:
             name=name, values={**preset.config, **overrides}, overrides=overrides, training=dict(preset.training),
             config_class=config_class, model_class=model_class,
             processor_factory=self.load(self.processor) if self.processor else None,
-            auto_map={auto: ".".join(dotted.split(".")[-2:]) for auto, dotted in
-                      {"AutoConfig": self.config_class, **self.model_classes}.items()} if self.kind == "model" else {})
+            auto_map=self.auto_map)
+
+    @property
+    def auto_map(self) -> dict[str, str]:
+        """config.json's `auto_map` (model kinds): every Auto class -> "modeling_<x>.<Class>", so a saved model
+        loads without hfpapers through any of them (transformers itself writes only the saved class's entry)."""
+        if self.kind != "model":
+            return {}
+        return {auto: ".".join(dotted.split(".")[-2:]) for auto, dotted in
+                {"AutoConfig": self.config_class, **self.model_classes}.items()}
+
+    @property
+    def custom_pipelines(self) -> dict[str, dict]:
+        """config.json's `custom_pipelines` for the method's own pipeline, as `Pipeline.save_pretrained` writes it:
+        `pipeline(task, model=folder, trust_remote_code=True)` then runs the folder's copy of the pipeline."""
+        if not self.pipeline_class:
+            return {}
+        return {self.task: {"impl": ".".join(self.pipeline_class.split(".")[-2:]), "pt": [self.head_auto_class]}}
 
     def get_preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -381,8 +403,10 @@ def register_with_transformers() -> None:
 def register_record(record: MethodRecord) -> None:
     """Register one record's config, model classes and custom pipeline with transformers (idempotent).
 
-    Only model kinds have classes to register: diffusers has no registry (its pipelines load our components by
-    the module path in `model_index.json`), and procedures and analyses work on other methods' models."""
+    Only model kinds have classes to register with transformers; a diffusers record's pipelines are made visible
+    to diffusers (`_register_with_diffusers`), and procedures and analyses work on other methods' models."""
+    if record.kind == "diffusers":
+        _register_with_diffusers(record)
     if record.kind != "model":
         return
     import transformers
@@ -396,7 +420,11 @@ def register_record(record: MethodRecord) -> None:
         model_class.register_for_auto_class(auto_name)
     if record.processor_class:
         processor_class = record.load(record.processor_class)
-        transformers.AutoProcessor.register(config_class, processor_class, exist_ok=True)
+        if issubclass(processor_class, transformers.ImageProcessingMixin):
+            transformers.AutoImageProcessor.register(config_class, image_processor_classes={"pil": processor_class},
+                                                     exist_ok=True)
+        else:
+            transformers.AutoProcessor.register(config_class, processor_class, exist_ok=True)
         processor_class.register_for_auto_class()
     if record.pipeline_class:
         from transformers.pipelines import PIPELINE_REGISTRY
@@ -405,6 +433,84 @@ def register_record(record: MethodRecord) -> None:
             record.task, pipeline_class=record.load(record.pipeline_class),
             pt_model=getattr(transformers, record.head_auto_class),
         )
+        config_class.custom_pipelines = _CustomPipelines(record.task)
+    _save_what_loads_without_hfpapers(config_class, record)
+
+
+class _CustomPipelines:
+    """`config.custom_pipelines` of a method whose pipeline hfpapers registers: stored and saved as any config
+    value (config.json keeps it, so the folder's copy of the pipeline runs where hfpapers is absent), but read back
+    without the task registered here. transformers' `pipeline()` looks at a config's custom tasks before its
+    registry, and would demand `trust_remote_code=True` to run the folder's copy of the code installed here."""
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        return {task: info for task, info in config.__dict__.get("custom_pipelines", {}).items() if task != self.task}
+
+    def __set__(self, config, value):
+        config.__dict__["custom_pipelines"] = value
+
+
+def _save_what_loads_without_hfpapers(config_class, record: MethodRecord) -> None:
+    """Saving the config (which every `save_pretrained` of the model does) also writes every Auto class of the
+    record into `auto_map` and, for a method with its own pipeline, `custom_pipelines` and the pipeline's code, as
+    `Pipeline.save_pretrained` does; a config built by hand (not by a preset) then saves the same as one that is."""
+    save = config_class.save_pretrained
+    if getattr(save, "saves_for", None) == record.slug:
+        return
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.auto_map = {**record.auto_map, **(getattr(self, "auto_map", None) or {})}
+        if record.pipeline_class:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            self.custom_pipelines = {**self.__dict__.get("custom_pipelines", {}), **record.custom_pipelines}
+            os.makedirs(save_directory, exist_ok=True)
+            custom_object_save(record.load(record.pipeline_class), save_directory)
+        return save(self, save_directory, *args, **kwargs)
+
+    save_pretrained.saves_for = record.slug
+    config_class.save_pretrained = save_pretrained
+
+
+# class name -> module of the diffusers pipelines registered so far (what `_diffusers_getattr` resolves)
+_diffusers_pipelines: dict[str, str] = {}
+
+
+def _register_with_diffusers(record: MethodRecord) -> None:
+    """diffusers has no registry: `DiffusionPipeline.from_pretrained` looks the `_class_name` of `model_index.json`
+    up among the `diffusers` package's attributes (and our components by the module path saved with them). The
+    pipelines of the module of the record's `pipeline_class` become such attributes, so that a folder saved with
+    plain `save_pretrained()` loads through `DiffusionPipeline` wherever hfpapers is imported. They resolve on first
+    use, through the package's PEP 562 `__getattr__`: registration can run while diffusers is half-imported (peft
+    imports transformers' Auto classes from inside it), when our pipelines could not be imported yet."""
+    if not record.pipeline_class:
+        return
+    import diffusers
+
+    module_name = record.pipeline_class.rpartition(".")[0]
+    package, _, submodule = module_name.rpartition(".")
+    # the method package's static map of exports names them without importing the module
+    for name in importlib.import_module(package).__getattr__.exports[submodule]:
+        _diffusers_pipelines[name] = module_name
+    diffusers.__getattr__ = _diffusers_getattr
+
+
+def _diffusers_getattr(name: str):
+    """The `diffusers` package's module `__getattr__` (asked before diffusers' own lazy lookup): our pipelines."""
+    import diffusers
+
+    if name in _diffusers_pipelines:
+        value = getattr(importlib.import_module(_diffusers_pipelines[name]), name)
+        if isinstance(value, type) and issubclass(value, diffusers.DiffusionPipeline):
+            setattr(diffusers, name, value)
+            return value
+    raise AttributeError(f"module 'diffusers' has no attribute {name!r}")
 
 
 # Modules of transformers whose import means "the Auto machinery is about to be used".
@@ -431,8 +537,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         self._pending: set[str] = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        watched = fullname in _TRIGGERS or fullname.startswith(_METHODS_PREFIX)
-        if not watched or fullname in self._pending:
+        if _hook_done or fullname in self._pending or not fullname.startswith(_WATCHED_PREFIXES):
             return None
         self._pending.add(fullname)
         try:
@@ -454,7 +559,11 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 
 _METHODS_PREFIX = "hfpapers.methods."
+# Modules watched until registration ran: a trigger can fire inside any of them (diffusers importing CLIP, which
+# imports the Auto classes), and registration then waits for the last one still importing to finish.
+_WATCHED_PREFIXES = ("transformers.", "diffusers.", _METHODS_PREFIX)
 _deferred = False  # a trigger fired while a module that registration reads was still importing
+_hook_done = False  # registration ran from the hook: stop watching imports
 
 
 def _register_when_idle(just_imported: str) -> None:
@@ -462,15 +571,16 @@ def _register_when_idle(just_imported: str) -> None:
     # half-imported (e.g. `pipelines` importing `modeling_auto`, or a method's configuration importing
     # `AutoConfig`); registering then could read that module half-done, so wait for the last one to finish.
     # (`just_imported` itself is still flagged as initialising until its loader returns.)
-    global _deferred
+    global _deferred, _hook_done
     busy = any(
-        name.startswith(("transformers", _METHODS_PREFIX))
+        name.startswith(("transformers", "diffusers", _METHODS_PREFIX))
         and name != just_imported
         and getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
     )
     _deferred = busy
     if not busy:
+        _hook_done = True
         register_with_transformers()
 
 

@@ -255,3 +255,42 @@ def test_bad_run_settings_are_one_clear_error(record, case):
     name, settings, message = cases[case]
     with pytest.raises((ValueError, TypeError), match=message):
         resolve_config(record, None, settings)
+
+
+def run_without_hfpapers(code: str, folder: Path) -> str:
+    """The stdout of `code`, run in a fresh Python where `import hfpapers` fails (a user without it, loading a
+    saved `folder`), offline and with its own Hugging Face cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(folder.parent / f"hf-{folder.name}"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['hfpapers'] = None\n" + code],
+                         capture_output=True, text=True, env=env, cwd=folder.parent, stdin=subprocess.DEVNULL,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_a_model_of_a_hand_built_config_loads_through_automodel_where_hfpapers_cannot_be_imported(tmp_path):
+    """transformers writes only the saved class into `auto_map`: a classifier built from its config class (not
+    through a preset) saved without AutoModel, so plain AutoModel failed where hfpapers is absent."""
+    headed = [r for r in MODEL_RECORDS if len(r.model_classes) > 1]
+    assert {r.slug for r in headed} >= {"efficientvim", "scaling-mlp"}
+    expected = {}
+    for record in headed:
+        model = record.load(record.model_classes[record.head_auto_class])(
+            record.load(record.config_class)(**record.preset("tiny")))
+        model.save_pretrained(tmp_path / record.slug)
+        classes = {"AutoConfig": record.load(record.config_class),
+                   **{auto: record.load(dotted) for auto, dotted in record.model_classes.items()}}
+        assert json.loads((tmp_path / record.slug / "config.json").read_text())["auto_map"] == {
+            auto: f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}" for auto, cls in classes.items()}
+        expected[str(tmp_path / record.slug)] = classes["AutoModel"].__name__
+    code = ("from transformers import AutoModel\n"
+            f"for folder in {list(expected)!r}:\n"
+            "    model = AutoModel.from_pretrained(folder, trust_remote_code=True)\n"
+            "    print(type(model).__module__.split('.')[0], type(model).__name__)\n")
+    assert run_without_hfpapers(code, tmp_path / "models").split("\n")[:-1] == [
+        f"transformers_modules {name}" for name in expected.values()]

@@ -57,6 +57,9 @@ def shapes():
     return load("shapes", resolution=SIZE, num_train=120, num_test=60, num_classes=NUM_CLASSES)
 
 
+PROBE = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+
+
 def quick_config(**overrides):
     return GSLoRAConfig(**{"rank": 2, "num_epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "bound": 5.0,
                            "alpha": 1e-3, **overrides})
@@ -231,17 +234,25 @@ def test_forgetting_metrics_by_hand_and_as_an_evaluate_module():
 
 @pytest.fixture(scope="module")
 def two_tasks(shapes, tmp_path_factory):
-    """A tiny ViT through two forgetting tasks, saved; the original weights kept for reloading the adapters."""
-    model = tiny_vit()
+    """A tiny ViT (loaded from a folder, which its adapters name as their base) through two forgetting tasks,
+    saved; the original weights kept for reloading the adapters, and the logits of `PROBE` after each task."""
+    from transformers import ViTForImageClassification
+
+    base = tmp_path_factory.mktemp("base")
+    tiny_vit().save_pretrained(base)
+    model = ViTForImageClassification.from_pretrained(base)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     forgetter = ContinualForgetter(model, quick_config(prototypes=True, prototype_forget_weight=0.1),
                                    processor=processor(), eval_data=shapes["test"],
                                    output_dir=tmp_path_factory.mktemp("runs"))
-    reports = []
+    reports, logits = [], []
     for classes in ([0, 1], ["triangle"]):
         forget, retain = task_data(shapes["train"], forgetter.class_ids(classes), forgetter.forgotten)
         reports.append(forgetter.forget(classes, forget, retain))
+        with torch.no_grad():
+            logits.append(forgetter.model.eval()(pixel_values=PROBE).logits)
     saved = forgetter.save_pretrained(tmp_path_factory.mktemp("saved"))
+    forgetter.logits_after_task = logits
     return forgetter, original, reports, saved
 
 
@@ -261,18 +272,36 @@ def test_saved_adapters_reload_with_peft_and_rebuild_the_merged_model(two_tasks)
     from peft import PeftModel
 
     forgetter, original, _, saved = two_tasks
-    model = tiny_vit()
-    model.load_state_dict(original)
     for task in (1, 2):
         folder = saved / "adapters" / f"task-{task}"
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    model = tiny_vit()
+    model.load_state_dict(original)
+    model = PeftModel.from_pretrained(model, saved / "adapters" / "task-2").merge_and_unload()
     merged = type(model).from_pretrained(saved).state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=1e-5)
+    # Task 2's adapter holds task 1's (rank 2) and its own (rank 2) stacked along the rank; the scale is shared.
     a1 = load_file(saved / "adapters" / "task-1" / "adapter_model.safetensors")
     a2 = load_file(saved / "adapters" / "task-2" / "adapter_model.safetensors")
-    assert a1.keys() == a2.keys() and not torch.equal(a1[next(iter(a1))], a2[next(iter(a2))])
+    assert a1.keys() == a2.keys()
+    for key in a1:
+        rank_dim = 0 if ".lora_A." in key else 1
+        assert a2[key].shape[rank_dim] == 4 and torch.equal(a2[key].narrow(rank_dim, 0, 2), a1[key])
+        assert not torch.equal(a2[key].narrow(rank_dim, 2, 2), a1[key])
+
+
+def test_auto_peft_model_loads_each_task_adapter_as_the_model_after_that_task(two_tasks):
+    """Task t's adapter names the base it applies to (the original model) and a loadable class: AutoPeftModel
+    gives the run's logits after task t (before, task 2's named the original model and held only its own update)."""
+    from peft import AutoPeftModel
+
+    forgetter, _, _, saved = two_tasks
+    for task, expected in enumerate(forgetter.logits_after_task, start=1):
+        model = AutoPeftModel.from_pretrained(saved / "adapters" / f"task-{task}").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(pixel_values=PROBE).logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(*forgetter.logits_after_task, atol=1e-3)  # the two tasks are told apart
 
 
 def test_saved_folder_works_with_the_pipeline_and_has_a_card(two_tasks, shapes):
@@ -298,14 +327,23 @@ def test_scaling_mlp_forgets_too(shapes, tmp_path):
     import hfpapers
     from hfpapers.registry import create_processor
 
-    model = hfpapers.create_model("scaling-mlp", preset="tiny", image_size=SIZE, num_labels=NUM_CLASSES,
-                                  num_blocks=2, hidden_size=32)
+    from peft import AutoPeftModel
+    from transformers import AutoModelForImageClassification
+
+    hfpapers.create_model("scaling-mlp", preset="tiny", image_size=SIZE, num_labels=NUM_CLASSES, num_blocks=2,
+                          hidden_size=32).save_pretrained(tmp_path / "base")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "base")
     forgetter = ContinualForgetter(model, quick_config(), processor=create_processor("scaling-mlp", model.config),
-                                   eval_data=shapes["test"], output_dir=tmp_path)
+                                   eval_data=shapes["test"], output_dir=tmp_path / "runs")
     forget, retain = task_data(shapes["train"], [3], [])
     report = forgetter.forget([3], forget, retain)
     assert len(report.block_norms) == 2 and report.acc_f is not None
     assert type(forgetter.model).__name__ == "ScalingMLPForImageClassification"
+    # Its adapter loads with AutoPeftModel (it named the hfpapers module, which peft refuses to import).
+    loaded = AutoPeftModel.from_pretrained(tmp_path / "runs" / "task-1").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=PROBE).logits, forgetter.model.eval()(pixel_values=PROBE).logits,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_ema_average_is_what_gets_merged(shapes, tmp_path):

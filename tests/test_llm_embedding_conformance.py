@@ -112,6 +112,19 @@ def test_the_pooler_and_lora_stay_float32_under_a_bf16_decoder(tmp_path):
         assert loaded(input_ids=ids, attention_mask=mask).embeddings.dtype == torch.float32
 
 
+def test_a_model_built_in_bf16_keeps_the_pooler_and_lora_in_float32():
+    """`_keep_in_fp32_modules_strict` holds for a model built under a bf16 default (not only for from_pretrained)."""
+    from hfpapers.methods.llm_embedding import LLMEmbeddingModel
+
+    config = tiny(lora_r=4, pooling="trainable", attention="bidirectional").config
+    model = LLMEmbeddingModel._from_config(config, dtype=torch.bfloat16)
+    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if n.startswith("pooler.") or "lora_" in n} == {torch.float32}
+    ids, mask = left_pad(rows([3, 5]))
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).embeddings.dtype == torch.float32
+
+
 def test_bad_pipeline_inputs_are_one_clear_error(tmp_path):
     import hfpapers
     from transformers import pipeline
@@ -131,3 +144,32 @@ def test_bad_pipeline_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="over max_length=64; pass truncation=True"):
         embed(long_text)
     assert len(embed(long_text, truncation=True)) == 64
+
+
+def test_the_folder_ships_its_pipeline_and_runs_it_where_hfpapers_cannot_be_imported(tmp_path):
+    """config.json names the pipeline code saved beside the model (`custom_pipelines`, as `Pipeline.save_pretrained`
+    writes it): without hfpapers, pipeline(..., trust_remote_code=True) runs it and gives the in-process vectors.
+    With hfpapers, the registered pipeline still serves the task without trust_remote_code (transformers looks at
+    a config's custom tasks first and would otherwise demand it)."""
+    import json
+
+    import hfpapers
+    from transformers import pipeline
+
+    from hfpapers.data.text import build_word_tokenizer
+    from test_contract import run_without_hfpapers
+
+    folder = tmp_path / "embedder"
+    hfpapers.create_model("llm-embedding", "tiny").save_pretrained(folder)
+    build_word_tokenizer().save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == {"sentence-embedding": {
+        "impl": "pipeline_llm_embedding.SentenceEmbeddingPipeline", "pt": ["AutoModel"]}}
+    embed = pipeline("sentence-embedding", model=str(folder))
+    assert type(embed).__module__ == "hfpapers.methods.llm_embedding.pipeline_llm_embedding"
+    texts = ["the fox is red", "where is the owl found today"]
+    code = ("import json\nfrom transformers import pipeline\n"
+            f"embed = pipeline('sentence-embedding', model={str(folder)!r}, trust_remote_code=True)\n"
+            f"print(type(embed).__module__.split('.')[0], json.dumps(embed({texts!r})))\n")
+    where, vectors = run_without_hfpapers(code, folder).split(" ", 1)
+    assert where == "transformers_modules"
+    torch.testing.assert_close(torch.tensor(json.loads(vectors)), torch.tensor(embed(texts)), atol=1e-6, rtol=1e-6)

@@ -110,3 +110,40 @@ def test_float64_pixels_are_accepted_and_bad_images_refused(processor):
     one_pixel = processor(images=[Image.new("RGB", (1, 1))], text=[processor.prompt("segment it .")])
     with torch.no_grad():
         assert model(**one_pixel).logits.isfinite().all()
+
+
+def test_the_folder_ships_its_pipeline_and_runs_it_where_hfpapers_cannot_be_imported(tmp_path, processor):
+    """config.json names the pipeline code saved beside the model (`custom_pipelines`): without hfpapers,
+    pipeline(..., trust_remote_code=True) runs it and segments as the in-process pipeline does. With hfpapers,
+    the registered pipeline still serves the task without trust_remote_code."""
+    import json
+
+    import numpy as np
+    from transformers import pipeline
+
+    from test_contract import run_without_hfpapers
+
+    folder = tmp_path / "read"
+    tiny_model().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == {"reasoning-segmentation": {
+        "impl": "pipeline_read.ReasoningSegmentationPipeline", "pt": ["AutoModel"]}}
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    # Every token but [SEG] suppressed, so that a random LM answers [SEG] and the mask is decoded.
+    code = ("import json\nfrom transformers import pipeline\n"
+            f"seg = pipeline('reasoning-segmentation', model={str(folder)!r}TRUST)\n"
+            "config = seg.model.config\n"
+            "seg.model.llava.generation_config.suppress_tokens = [\n"
+            "    i for i in range(seg.model.get_input_embeddings().num_embeddings) if i != config.seg_token_index]\n"
+            f"out = seg({str(tmp_path / 'a.png')!r}, 'segment the red circle .', max_new_tokens=2)\n"
+            "print(type(seg).__module__.split('.')[0], json.dumps({'text': out['text'], 'points': out['points'],\n"
+            "    'mask': out['mask'].tolist(), 'similarity_map': out['similarity_map'].tolist()}))\n")
+    here = {}
+    exec(code.replace("TRUST", ""), {"print": lambda *args: here.update(where=args[0], out=json.loads(args[1]))})
+    where, out = run_without_hfpapers(code.replace("TRUST", ", trust_remote_code=True"), folder).split(" ", 1)
+    out = json.loads(out)
+    assert (here["where"], where) == ("hfpapers", "transformers_modules")
+    assert here["out"]["text"] == out["text"] and "[SEG]" in out["text"]
+    assert np.array(out["mask"]).shape == (40, 56) and out["mask"] == here["out"]["mask"]
+    assert out["points"] == here["out"]["points"]
+    np.testing.assert_allclose(out["similarity_map"], here["out"]["similarity_map"], atol=1e-6)

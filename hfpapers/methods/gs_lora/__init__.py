@@ -82,7 +82,7 @@ RECORD = MethodRecord(
 # Exports load lazily: `import hfpapers` discovers method packages and must not import torch.
 __getattr__ = lazy_exports(__name__, {
     "config": ("GSLoRAConfig", "GROUP_TYPES",),
-    "adapters": ("FFNTargets", "find_ffn_targets", "lora_groups", "block_norms", "lora_config",),
+    "adapters": ("FFNTargets", "find_ffn_targets", "lora_groups", "block_norms", "lora_config", "stack_adapters",),
     "losses": ("group_sparse_penalty", "bounded_forgetting_loss", "prototype_kl", "prototype_loss", "alpha_at",
                "class_prototypes",),
     "metrics": ("forgetting_metrics", "h_mean",),

@@ -7,10 +7,12 @@ modules), the one pair of Linear layers `fc1: d -> h`, `fc2: h -> d` with h != d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["FFNTargets", "find_ffn_targets", "lora_groups", "block_norms", "lora_config"]
+__all__ = ["FFNTargets", "find_ffn_targets", "lora_groups", "block_norms", "lora_config", "stack_adapters"]
 
 _ATTENTION_WORDS = ("attn", "attention")
 
@@ -119,3 +121,44 @@ def block_norms(model: nn.Module, targets: FFNTargets, prefix: str = "base_model
     """Per block, the sum of the Frobenius norms of its LoRA matrices (official `util/cal_norm.py`); the
     quantity the paper plots to show which blocks the group-sparse penalty selected."""
     return [sum(m.norm().item() for m in group) for group in lora_groups(model, targets, "block", prefix)]
+
+
+# peft's AutoPeftModel builds the base model from `auto_mapping` and imports only allow-listed packages: the
+# transformers Auto class loads any image classifier (a hfpapers model through its registration or remote code).
+AUTO_MAPPING = {"base_model_class": "AutoModelForImageClassification", "parent_library": "transformers"}
+
+
+def stack_adapters(task_folder: str | Path, earlier_folder: str | Path | None, base_model: str | None) -> None:
+    """Rewrite the peft adapter in `task_folder` (one task's LoRA, trained on the model merged after the earlier
+    tasks) as one adapter on the original model `base_model`, holding every task so far, so that
+    `AutoPeftModel.from_pretrained(task_folder)` is the model after this task.
+
+    Each task adds s_t B_t A_t to the merged weights (s = lora_alpha / r), so stacking the A matrices along the
+    rank and the B matrices, rescaled to a common s, gives one LoRA whose update is their sum (peft's "cat"
+    combination). `earlier_folder`: the previous task's folder, already stacked (None for the first task)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    task_folder = Path(task_folder)
+    own = LoraConfig.from_pretrained(task_folder)
+    parts = [(own, load_file(task_folder / "adapter_model.safetensors"))]
+    if earlier_folder is not None:
+        parts.insert(0, (LoraConfig.from_pretrained(earlier_folder),
+                         load_file(Path(earlier_folder) / "adapter_model.safetensors")))
+    if any(config.use_rslora or config.rank_pattern or config.alpha_pattern for config, _ in parts):
+        raise ValueError("stacking GS-LoRA adapters needs one rank and scale per adapter (no rslora or patterns)")
+    keys = [set(weights) for _, weights in parts]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"the adapters in {earlier_folder} and {task_folder} hold different LoRA layers")
+    scale = parts[0][0].lora_alpha / parts[0][0].r
+    stacked = {}
+    for key in keys[0]:
+        if ".lora_A." in key:  # (r, in): stacked along the rank
+            stacked[key] = torch.cat([weights[key] for _, weights in parts], dim=0)
+        else:  # (out, r): each task's B carries its scale relative to the common one
+            stacked[key] = torch.cat([weights[key] * (c.lora_alpha / c.r / scale) for c, weights in parts], dim=1)
+    own.r = sum(config.r for config, _ in parts)
+    own.lora_alpha = scale * own.r
+    own.base_model_name_or_path = base_model or None
+    own.save_pretrained(task_folder, auto_mapping_dict=AUTO_MAPPING)
+    save_file(stacked, task_folder / "adapter_model.safetensors", metadata={"format": "pt"})

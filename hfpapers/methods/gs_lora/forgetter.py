@@ -19,7 +19,7 @@ from accelerate import PartialState
 
 from ...engine import process_state
 
-from .adapters import block_norms, find_ffn_targets, lora_config, lora_groups
+from .adapters import block_norms, find_ffn_targets, lora_config, lora_groups, stack_adapters
 from .config import GSLoRAConfig
 from .losses import class_prototypes
 from .metrics import forgetting_metrics
@@ -262,13 +262,13 @@ class ContinualForgetter:
         args = TrainingArguments(
             output_dir=str(run_dir), num_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, lr_scheduler=cfg.lr_scheduler,
-            ema_decay=cfg.ema_decay, ema_start_epoch=cfg.ema_start_epoch, seed=cfg.seed, progress_bar=False,
-            keep_checkpoints=1)
+            ema_decay=cfg.ema_decay, ema_start_epoch=cfg.ema_start_epoch, seed=cfg.seed, keep_checkpoints=1)
         try:
             # The engine's per-epoch evaluation runs on the task's own (small) training data, so it costs little;
             # the report below is measured on the evaluation set.
             seen = EvalSet({k: torch.cat([forget[k], retain[k]]) for k in forget})
-            result = fit(model, {"train": PairedReplay(retain, forget), "test": seen}, recipe, args)
+            result = fit(model, {"train": PairedReplay(retain, forget), "test": seen}, recipe, args,
+                         desc=f"forgetting task {len(self.tasks) + 1}")
         except BaseException:
             # An interrupted task leaves the model as it was: the half-trained adapter is dropped, not merged.
             if cfg.tune == "lora":
@@ -280,6 +280,10 @@ class ContinualForgetter:
         trained = result.ema_model if cfg.ema_decay is not None else model
         norms = block_norms(trained, self.targets) if cfg.tune == "lora" else []
         self.model = self._detach_adapter(trained)
+        if cfg.tune == "lora" and PartialState().is_main_process:  # where the engine wrote the adapter
+            # The adapter applies to the model merged after the earlier tasks, which no folder holds: it is stored
+            # with theirs, as one adapter on the original model.
+            stack_adapters(run_dir, self.tasks[-1]["run_dir"] if self.tasks else None, self.base_model)
 
         after, _ = self._predict(self.model, evaluation)
         m = forgetting_metrics(after.tolist(), evaluation["labels"].tolist(), classes, self.forgotten, acc_f_before)
@@ -302,8 +306,9 @@ class ContinualForgetter:
                                  _hub_id(self.base_model), self.config.tune)
 
     def save_pretrained(self, save_directory: str) -> Path:
-        """The merged model (safetensors) and processor, each task's adapter in peft format under
-        `adapters/task-<t>/`, results.json and the card. Only the main process writes."""
+        """The merged model (safetensors) and processor, under `adapters/task-<t>/` the peft adapter of tasks 1..t
+        on the original model (`AutoPeftModel.from_pretrained` of it is the model after task t), results.json and
+        the card. Only the main process writes."""
         from ...runs import write_results
 
         out = Path(save_directory)

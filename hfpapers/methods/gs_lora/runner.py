@@ -63,10 +63,12 @@ def forgetting_result(reports: list[dict], config: dict, base_model: str | None,
             "the group-sparse penalty drives the blocks it does not need towards zero."))
     usage = "```python\nfrom transformers import pipeline\n\nclassifier = pipeline(\"image-classification\", model=REPO)\n```"
     if tune == "lora":
-        usage += ("\n\nEach task's adapter is under `adapters/task-<t>/` in peft format. The updates are additive, so "
-                  "applying them in order to the original model reproduces this one:\n\n```python\nfrom peft import "
-                  "PeftModel\n\nmodel = PeftModel.from_pretrained(original_model, REPO, subfolder=\"adapters/task-1\")"
-                  ".merge_and_unload()\n```")
+        usage += ("\n\n`adapters/task-<t>/` is a peft adapter on the original model holding the LoRA of tasks 1..t "
+                  "(the updates are additive, so they are stacked along the rank; task t's own LoRA is its last "
+                  "rank block): loaded on the original model, it is the model after task t, and the last one is "
+                  "this model.\n\n```python\nfrom peft import AutoPeftModel, PeftModel\n\n"
+                  "after_task_1 = AutoPeftModel.from_pretrained(\"FOLDER/adapters/task-1\")  # a local copy of REPO\n"
+                  "after_task_1 = PeftModel.from_pretrained(original_model, REPO, subfolder=\"adapters/task-1\")\n```")
     last = reports[-1] if reports else {}
     metrics = {"acc_f": last.get("acc_f"), "acc_r": last.get("acc_r"), "h_mean": last.get("h_mean")}
     return RunResult(

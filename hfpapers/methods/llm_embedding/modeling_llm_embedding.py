@@ -206,6 +206,8 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             for module in attentions:  # the transformers 5 route: SDPA/eager then follow the mask alone
                 module.is_causal = False
         self.pooler = TrainablePooler(config.pooler_config) if config.pooler_config is not None else None
+        if self.pooler is not None:
+            self.pooler.float()  # _keep_in_fp32_modules_strict, also when built under another default dtype
         self.post_init()
         if config.lora_r:
             # After post_init, so that LoRA keeps peft's init (B = 0) and freezes the decoder's own weights.
@@ -214,6 +216,9 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             inject_adapter_in_model(
                 LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            target_modules=list(config.lora_target_modules)), self.decoder)
+            for name, module in self.decoder.named_modules():  # peft casts inputs to the LoRA dtype and back
+                if name.endswith(("lora_A", "lora_B")):
+                    module.float()
             # A fresh model keeps peft's init through any later initialize_weights() (loading re-inits).
             if getattr(self, "_is_hf_initialized", False):
                 for module in self.decoder.modules():
