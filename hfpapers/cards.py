@@ -23,6 +23,18 @@ def _card_tags(record) -> list[str]:
     return tags + [record.task] if record.task in HUB_PIPELINE_TAGS else tags
 
 
+def _card_task(record, output_dir: Path) -> str:
+    """The task a trained folder serves. A diffusers folder without a denoiser (no `unet` / `transformer` in its
+    `model_index.json`, e.g. a trained `TransparentVAE`) cannot make images from text, whatever the method's task:
+    it maps images to images."""
+    if record.kind == "diffusers":
+        index = output_dir / "model_index.json"
+        components = json.loads(index.read_text()) if index.is_file() else {}
+        if not {"unet", "transformer"} & components.keys():
+            return "image-to-image"
+    return record.task
+
+
 def _hub_datasets(name: str) -> list[str] | None:
     """The card's `datasets`: only a Hub dataset id; embedded sets are built locally and named in the text."""
     from .data import EMBEDDED
@@ -54,14 +66,15 @@ def build_card(output_dir: str | Path, repo_id: str | None = None):
     if not prose_file.is_file():
         raise FileNotFoundError(f"no card prose for {record.slug!r} at {prose_file}")
     model_name = f"{record.slug}-{run['preset']}"
+    task = _card_task(record, output_dir)
     eval_results = [
-        EvalResult(task_type=record.task, dataset_type=run["dataset"], dataset_name=run["dataset"],
+        EvalResult(task_type=task, dataset_type=run["dataset"], dataset_name=run["dataset"],
                    dataset_split="test", metric_type=name, metric_name=name, metric_value=round(value, 4))
         for name, value in results["eval"].items()
     ]
     data = ModelCardData(
         license=record.license.lower(), library_name=record.library,
-        pipeline_tag=HUB_PIPELINE_TAGS.get(record.task, record.task),
+        pipeline_tag=HUB_PIPELINE_TAGS.get(task, task),
         tags=_card_tags(record), datasets=_hub_datasets(run["dataset"]),
         metrics=list(results["eval"]), model_name=model_name, eval_results=eval_results,
     )

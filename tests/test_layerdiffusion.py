@@ -1,5 +1,6 @@
 """LayerDiffuse latent transparency: encoder, decoder, TransparentVAE, pipelines, training."""
 
+import json
 import os
 import subprocess
 import sys
@@ -162,7 +163,9 @@ def test_bad_inputs_get_clear_errors(tiny_vae):
 
 def test_save_and_load_round_trip(tiny_vae, tmp_path):
     tiny_vae.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["transparent_decoder", "transparent_encoder", "vae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_index.json", "modeling_layerdiffusion.py", "pipeline_layerdiffusion.py", "transparent_decoder",
+        "transparent_encoder", "vae"]
     assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
     loaded = TransparentVAE.from_pretrained(tmp_path)
     rgba = random_rgba()
@@ -201,25 +204,107 @@ def test_sd15_text_to_image_returns_rgba_of_the_requested_size(tiny_vae, tmp_pat
     assert TransparentVAE.from_pretrained(tmp_path / "pipe").transparent_encoder is not None
 
 
-def test_remote_code_layout_loads_without_hfpapers(tiny_vae, tmp_path):
+def test_trained_folder_and_pipeline_load_where_hfpapers_cannot_be_imported(tiny_vae, tmp_path):
+    """A `TransparentVAE` folder (what `hfpapers train` and the zoo save) is a diffusers folder with its code, and so is
+    a pipeline saved with `remote_code=True`: without hfpapers both load through `DiffusionPipeline` and give the
+    in-process model's outputs bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_vae.save_pretrained(tmp_path / "trained")
     pipe = sd15_pipeline(tiny_vae)
-    pipe.save_pretrained(tmp_path, remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe", remote_code=True)
+    torch.manual_seed(0)
+    inputs = {"rgba": random_rgba(batch=2, height=32, width=64), "latents": torch.randn(1, 4, 8, 8)}
+    save_file(inputs, tmp_path / "inputs.safetensors")
     code = (
-        "import sys, importlib.abc, torch\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'hfpapers': raise ImportError(name)\n"
-        "sys.meta_path.insert(0, Block())\n"
+        "import sys; sys.modules['hfpapers'] = None\n"  # any import of hfpapers now fails
+        "import torch\n"
         "from diffusers import DiffusionPipeline\n"
-        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "from safetensors.torch import load_file, save_file\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"  # the same reduction order as in this process
+        f"inputs = load_file({str(tmp_path / 'inputs.safetensors')!r})\n"
+        f"vae = DiffusionPipeline.from_pretrained({str(tmp_path / 'trained')!r}, trust_remote_code=True)\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
         "pipe.set_progress_bar_config(disable=True)\n"
-        "out = pipe('a red cat', height=64, width=64, num_inference_steps=2)\n"
-        "print(type(pipe).__name__, out.images[0].mode, out.images[0].size)\n"
+        "outputs = {'round_trip': vae(image=inputs['rgba'], output_type='pt').images,\n"
+        "           'decoded': vae(latents=inputs['latents'], output_type='pt').images,\n"
+        "           'generated': pipe('a red cat', height=64, width=64, num_inference_steps=2, output_type='pt',\n"
+        "                             generator=torch.Generator().manual_seed(0)).images}\n"
+        f"save_file({{k: v.contiguous() for k, v in outputs.items()}}, {str(tmp_path / 'outputs.safetensors')!r})\n"
+        "print(*(f'{type(p).__name__}:{type(p).__module__}' for p in (vae, vae.transparent_decoder, pipe)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-4:] == ["TransparentStableDiffusionPipeline", "RGBA", "(64,", "64)"]
+    # the classes are the folders' copies of the code, run as remote code
+    assert proc.stdout.split() == ["TransparentVAEPipeline:diffusers_modules.local.pipeline_layerdiffusion",
+                                   "TransparentVAEDecoder:diffusers_modules.local.modeling_layerdiffusion",
+                                   "TransparentStableDiffusionPipeline:diffusers_modules.local.pipeline_layerdiffusion"]
+    outputs = load_file(tmp_path / "outputs.safetensors")
+    with torch.no_grad():
+        assert torch.equal(outputs["round_trip"], tiny_vae.decode(tiny_vae.encode(inputs["rgba"])))
+        assert torch.equal(outputs["decoded"], tiny_vae.decode(inputs["latents"]))
+    generated = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(outputs["generated"], generated)
+
+
+def test_a_pipeline_saved_plainly_loads_through_diffusion_pipeline(tiny_vae, tmp_path):
+    """`DiffusionPipeline` finds a pipeline class by its name among diffusers' attributes: importing hfpapers adds
+    the transparent pipelines there, and their components load by the module path saved with them."""
+    from diffusers import DiffusionPipeline
+
+    pipe = sd15_pipeline(tiny_vae)
+    pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.py"))  # no code was copied: this folder needs hfpapers
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is TransparentStableDiffusionPipeline
+    assert type(loaded.transparent_encoder) is LatentTransparencyEncoder
+    outputs = []
+    for p in (pipe, loaded):
+        p.set_progress_bar_config(disable=True)
+        outputs.append(p("a red cat", height=64, width=64, num_inference_steps=2, output_type="pt",
+                         generator=torch.Generator().manual_seed(0)).images)
+    assert torch.equal(*outputs)
+
+
+def test_the_vae_pipeline_takes_an_image_or_latents(tiny_vae):
+    from hfpapers.methods.layerdiffusion import TransparentVAEPipeline
+
+    pipe = TransparentVAEPipeline(tiny_vae.vae, tiny_vae.transparent_decoder, tiny_vae.transparent_encoder)
+    with pytest.raises(ValueError, match="either an RGBA `image`.* not both"):
+        pipe(image=random_rgba(batch=1), latents=torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="not neither"):
+        pipe()
+    image = pipe(latents=torch.randn(1, 4, 8, 16)).images[0]
+    assert image.mode == "RGBA" and image.size == (128, 64)
+
+
+def _fake_run_files(folder, num_parameters: int) -> None:
+    """The two files `hfpapers train` writes next to the model, which a card is rendered from."""
+    from hfpapers.engine import RESULTS_FILE, RUN_FILE
+
+    (folder / RUN_FILE).write_text(json.dumps({
+        "method": "layerdiffusion", "preset": "tiny", "dataset": "rgba_layers", "dataset_kwargs": {},
+        "columns": {}, "training_arguments": {"num_epochs": 1}, "recipe": {}, "num_processes": 1}))
+    (folder / RESULTS_FILE).write_text(json.dumps({
+        "train_seconds": 1.0, "eval": {"alpha_iou": 0.5}, "num_parameters": num_parameters}))
+
+
+def test_card_task_is_image_to_image_for_the_vae_and_text_to_image_for_a_pipeline(tiny_vae, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hfpapers.cards import write_card
+
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    sd15_pipeline(tiny_vae).save_pretrained(tmp_path / "pipe")
+    for folder, task in (("vae", "image-to-image"), ("pipe", "text-to-image")):
+        _fake_run_files(tmp_path / folder, num_parameters=1)
+        card = ModelCard.load(write_card(tmp_path / folder))
+        assert card.data.pipeline_tag == task, folder
+        assert card.data.eval_results[0].task_type == task, folder
+        assert "text-to-image" not in card.data.tags
 
 
 def test_sd15_image_to_image_keeps_size_and_needs_alpha(tiny_vae):

@@ -44,6 +44,7 @@ RECORD = MethodRecord(
     dataset="rgba_layers",
     dataset_kwargs={"resolution": 32, "num_train": 1024, "num_test": 128},
     recipe=f"{_MODULE}.recipe.LayerDiffusionRecipe",
+    pipeline_class=f"{_MODULE}.pipeline_layerdiffusion.TransparentStableDiffusionPipeline",
     converter=f"{_MODULE}.convert_layerdiffusion",
     official_code="https://github.com/lllyasviel/LayerDiffuse_DiffusersCLI",
     license="Apache-2.0",  # the official diffusers CLI and the Forge extension
@@ -72,7 +73,7 @@ __getattr__ = lazy_exports(__name__, {
                                 "checkerboard_preview", "rgba_to_tensor", "dihedral", "AUGMENTATIONS",),
     "pipeline_layerdiffusion": ("TransparentPipelineOutput", "TransparentStableDiffusionPipeline",
                                 "TransparentStableDiffusionImg2ImgPipeline", "TransparentStableDiffusionXLPipeline",
-                                "TransparentStableDiffusionXLImg2ImgPipeline",),
+                                "TransparentStableDiffusionXLImg2ImgPipeline", "TransparentVAEPipeline",),
     "convert_layerdiffusion": ("FORMATS", "ldm_to_diffusers_unet_key", "convert_attn_lora", "apply_attn_lora",
                                "convert_weight_diffs", "merge_weight_diffs", "merge_diffusers_offsets",
                                "load_transparent_encoder", "load_transparent_decoder", "encoder_source_from_filename",

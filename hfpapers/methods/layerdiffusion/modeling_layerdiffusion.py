@@ -10,9 +10,12 @@ released weights, so the official safetensors load with `strict=True`.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
@@ -35,6 +38,8 @@ LATENT_BLOCK = 3
 # Test-time augmentation of the official decoder: (horizontal flip, quarter turns). Ordered so that the passes
 # that keep the image's shape come first and the transposing ones after, which lets each group run as one batch.
 AUGMENTATIONS = ((False, 0), (True, 0), (False, 2), (True, 2), (False, 1), (True, 1), (False, 3), (True, 3))
+# The sibling file of the diffusers pipelines, shipped with every saved folder as remote code (`write_remote_code`).
+PIPELINE_MODULE = "pipeline_layerdiffusion"
 
 
 def _area_resize_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
@@ -345,7 +350,8 @@ class TransparentVAE(nn.Module, PushToHubMixin):
     usual `vae.encode(...).latent_dist.sample() * scaling_factor` and `vae.decode(latents / scaling_factor)`.
     The folder layout of `save_pretrained` (`vae/`, `transparent_encoder/`, `transparent_decoder/`) is the one a
     transparent pipeline uses, so `from_pretrained` also reads those parts out of a saved pipeline, from a folder
-    or a Hub repo id, and `push_to_hub(repo_id)` uploads that layout (diffusers' `PushToHubMixin`).
+    or a Hub repo id, and `push_to_hub(repo_id)` uploads that layout (diffusers' `PushToHubMixin`). The saved
+    folder is also a diffusers `TransparentVAEPipeline` with its code, for users without hfpapers.
     `encode` takes RGBA tensors or RGBA PIL images, as the image-to-image pipelines do.
     """
 
@@ -425,10 +431,20 @@ class TransparentVAE(nn.Module, PushToHubMixin):
         return TransparentVAEOutput(rgba=_alpha_last(estimate), pixel=decoded, latent=latent)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """The parts in their subfolders, plus a `model_index.json` and this code: the folder is then also a
+        `TransparentVAEPipeline` that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads
+        where hfpapers is not installed (`kwargs` go to each part's `save_pretrained`)."""
+        root = Path(save_directory)
+        index = {"_class_name": "TransparentVAEPipeline", "_diffusers_version": diffusers.__version__}
         for name in self.SUBFOLDERS:
             part = getattr(self, name)
+            index[name] = [None, None]  # how diffusers records an absent optional component
             if part is not None:
-                part.save_pretrained(Path(save_directory) / name, **kwargs)
+                part.save_pretrained(root / name, **kwargs)
+                module = type(part).__module__
+                index[name] = ["diffusers" if module.startswith("diffusers.") else module, type(part).__name__]
+        (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_remote_code(root)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "TransparentVAE":
@@ -445,6 +461,29 @@ class TransparentVAE(nn.Module, PushToHubMixin):
                     continue
                 raise OSError(f"{path} has no loadable {name}/ folder: {error}") from error
         return cls(**parts)
+
+
+def write_remote_code(save_directory: str | Path) -> None:
+    """Make a saved diffusers folder of ours load with `trust_remote_code=True` where hfpapers is not installed.
+
+    diffusers imports a pipeline's module from the folder's root (`_class_name` = [module, class] in
+    `model_index.json`) and a custom component's module from the component's own folder ([module, class] with
+    `<component>/<module>.py` present), so the pipelines' file goes to the root, this file next to it (the pipelines
+    import it) and into each folder of a component defined here, and `model_index.json` names them."""
+    root, here = Path(save_directory), Path(__file__).resolve()
+    pipelines = here.with_name(f"{PIPELINE_MODULE}.py")
+    shutil.copy(pipelines, root / pipelines.name)
+    shutil.copy(here, root / here.name)
+    index = json.loads((root / "model_index.json").read_text())
+    class_name = index["_class_name"]
+    index["_class_name"] = [PIPELINE_MODULE, class_name[1] if isinstance(class_name, list) else class_name]
+    for name, value in index.items():
+        # saved from hfpapers: "hfpapers.methods.layerdiffusion.modeling_layerdiffusion"; from remote code: the
+        # module's name in diffusers' cache of dynamic modules
+        if isinstance(value, list) and value[0] is not None and value[0].rpartition(".")[2] == here.stem:
+            shutil.copy(here, root / name / here.name)
+            index[name] = [here.stem, value[1]]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _has_subfolder(path: str | Path, name: str, kwargs: dict) -> bool:

@@ -5,21 +5,23 @@ Each is the diffusers pipeline it subclasses plus two components, `transparent_d
 encodes an RGBA image to latents with transparency first. The UNet must be the transparent one (the released SDXL
 LoRA / offsets merged, or the SD 1.5 attention-sharing patcher installed); the pipeline does not check that.
 
-`save_pretrained(..., remote_code=True)` writes a Hub-with-code layout that
-`DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` loads without hfpapers installed.
+`TransparentVAEPipeline` is the transparent VAE alone (what `hfpapers train layerdiffusion` saves): RGBA in, RGBA out.
+
+A folder saved with plain `save_pretrained()` loads with `DiffusionPipeline.from_pretrained(folder)` wherever
+hfpapers is imported (it registers these classes with diffusers); `save_pretrained(..., remote_code=True)` writes a
+Hub-with-code layout that `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` loads without
+hfpapers installed.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
+    DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -27,10 +29,10 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 
-from .modeling_layerdiffusion import TransparentVAE, checkerboard_preview, rgba_to_tensor
+from .modeling_layerdiffusion import TransparentVAE, checkerboard_preview, rgba_to_tensor, write_remote_code
 
 __all__ = ["TransparentPipelineOutput", "TransparentStableDiffusionPipeline", "TransparentStableDiffusionImg2ImgPipeline",
-           "TransparentStableDiffusionXLPipeline", "TransparentStableDiffusionXLImg2ImgPipeline"]
+           "TransparentStableDiffusionXLPipeline", "TransparentStableDiffusionXLImg2ImgPipeline", "TransparentVAEPipeline"]
 
 
 @dataclass
@@ -84,20 +86,8 @@ class _Transparent:
         """`remote_code=True` also writes this file and the modeling file, and points `model_index.json` at them,
         so that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` needs no hfpapers."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if not remote_code:
-            return
-        root = Path(save_directory)
-        here = Path(__file__).resolve().parent
-        modeling = "modeling_layerdiffusion"
-        shutil.copy(Path(__file__).resolve(), root / Path(__file__).name)
-        shutil.copy(here / f"{modeling}.py", root / f"{modeling}.py")
-        index = json.loads((root / "model_index.json").read_text())
-        index["_class_name"] = [Path(__file__).stem, type(self).__name__]
-        for name in ("transparent_decoder", "transparent_encoder"):
-            if index.get(name, [None])[0] is not None:
-                shutil.copy(here / f"{modeling}.py", root / name / f"{modeling}.py")
-                index[name] = [modeling, index[name][1]]
-        (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if remote_code:
+            write_remote_code(save_directory)
 
 
 class _TextToImage(_Transparent):
@@ -169,3 +159,27 @@ class TransparentStableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusion
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
                          feature_extractor, requires_aesthetics_score, force_zeros_for_empty_prompt, add_watermarker)
         self.register_modules(transparent_decoder=transparent_decoder, transparent_encoder=transparent_encoder)
+
+
+class TransparentVAEPipeline(_Transparent, DiffusionPipeline):
+    """The transparent VAE on its own, as a diffusers pipeline (what a saved `TransparentVAE` folder loads as):
+    RGBA image(s) -> latents carrying transparency -> RGBA, or scaled latents -> RGBA."""
+
+    _optional_components = ["transparent_encoder"]
+    model_cpu_offload_seq = "transparent_encoder->vae->transparent_decoder"
+
+    def __init__(self, vae, transparent_decoder, transparent_encoder=None):
+        super().__init__()
+        self.register_modules(vae=vae, transparent_decoder=transparent_decoder, transparent_encoder=transparent_encoder)
+
+    @torch.no_grad()
+    def __call__(self, image=None, latents: torch.Tensor | None = None, *, augment: bool = False,
+                 passes_per_batch: int = 1, output_type: str = "pil", return_dict: bool = True):
+        """`image`: RGBA PIL image(s) or a (B, 4, H, W) tensor in [0, 1], encoded and decoded again; or `latents`:
+        scaled (B, 4, H / 8, W / 8) latents (what `encode_rgba` and the text-to-image pipelines make), decoded."""
+        if (image is None) == (latents is None):
+            raise ValueError("pass either an RGBA `image` to encode and decode, or `latents` to decode, not "
+                             f"{'both' if image is not None else 'neither'}")
+        if latents is None:
+            latents = self.encode_rgba(image)
+        return self.rgba_output(latents, augment, passes_per_batch, output_type, return_dict)
