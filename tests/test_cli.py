@@ -23,6 +23,9 @@ def test_list_and_info():
                                                              ("gs-lora", "2403.11530"),
                                                              ("layerdiffusion", "2402.17113"),
                                                              ("llm-embedding", "2409.02727"),
+                                                             ("nc-deep-linear", "2301.00437"),
+                                                             ("nc-mixup", "2402.06171"),
+                                                             ("nc-perturbation", "2210.16658"),
                                                              ("read", "2412.17741"),
                                                              ("scaling-mlp", "2306.13575")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
@@ -39,7 +42,8 @@ def test_list_fits_a_100_column_terminal_and_names_kind_paper_and_entry_point():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, read, scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, "
+                       "nc-deep-linear, nc-mixup, nc-perturbation, read, scaling-mlp"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
     (["eval", "/nonexistent"], "has neither config.json nor hfpapers_run.json"),

@@ -150,4 +150,50 @@ def bad_settings(slug: str) -> list[tuple[str, dict, str]]:
              "prototype_forget_weight=.* out of range"),
             ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
         ]
+    if slug == "nc-deep-linear":
+        return [
+            ("a class with no samples", {"imbalanced_counts": (200, 0, 50)}, "each with at least one sample"),
+            ("one class", {"balanced_counts": (100,)}, "at least two classes"),
+            ("K above d", {"hidden": 3}, "K=4 classes but hidden=3"),
+            ("no depth", {"depths": ()}, "depths must be"),
+            ("depth 0", {"depths": (1, 0)}, "depths must be"),
+            ("iterations", {"num_iterations": 0}, "num_iterations=0"),
+            ("learning rate", {"learning_rate": 0.0}, "learning_rate=0.0"),
+            ("momentum", {"momentum": 1.0}, "momentum=1.0"),
+            ("negative decay", {"feature_decay": -1e-4}, "feature_decay=-0.0001"),
+            ("loss", {"losses": ("hinge",)}, "losses must be some of mse, ce"),
+            ("split", {"split": "validation"}, "split must be one of train, test"),
+            ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
+        ]
+    if slug == "nc-mixup":
+        return [
+            ("two classes", {"classes": (0, 1)}, "classes must be three different class indices"),
+            ("a repeated class", {"classes": (0, 1, 1)}, "classes must be three different class indices"),
+            ("alpha", {"mixup_alpha": 0.0}, "mixup_alpha=0.0"),
+            ("no pairs", {"num_pairs": 0}, "num_pairs=0"),
+            ("lambda 1", {"lambda_grid": (0.5, 1.0)}, "lambda_grid must hold mixing weights strictly between"),
+            ("empty grid", {"lambda_grid": ()}, "lambda_grid must hold"),
+            ("K above d", {"feature_dim": 8}, "feature_dim=8 is below the 10 classes"),
+            ("momentum", {"momentum": 1.0}, "momentum=1.0"),
+            ("optimizer", {"optimizer": "lion"}, "optimizer must be one of sgd, adamw"),
+            ("milestones", {"lr_milestones": (0.9, 0.3)}, "lr_milestones must be increasing"),
+            ("split", {"split": "validation"}, "split must be one of train, test"),
+            ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
+        ]
+    if slug == "nc-perturbation":
+        return [
+            ("beta zero", {"betas": (10.0, 0.0)}, "betas must be one or more positive"),
+            ("no beta", {"betas": ()}, "betas must be one or more positive"),
+            ("lambda_W zero", {"lambda_W": 0.0}, "lambda_W=0.0"),
+            ("lambda_H zero", {"lambda_H": 0.0}, "lambda_H=0.0"),
+            ("no collapsed minimiser", {"lambda_W": 2.0, "lambda_H": 0.6}, "lambda_H \\* lambda_W must stay below 1"),
+            ("K above d", {"num_classes": 10, "feature_dim": 10}, "feature_dim > K"),
+            ("one class", {"num_classes": 1}, "K >= 2 classes"),
+            ("no samples per class", {"samples_per_class": 0}, "samples_per_class=0"),
+            ("negative noise", {"noise": -0.1}, "noise=-0.1"),
+            ("one flow point", {"flow_points": 1}, "flow_points=1"),
+            ("layer-wise loss", {"layerwise_loss": "hinge"}, "layerwise_loss must be one of mse, ce"),
+            ("split", {"split": "validation"}, "split must be one of train, test"),
+            ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
+        ]
     raise ValueError(f"no bad settings for {slug!r}; add them to hfpapers.testing.tiny")
