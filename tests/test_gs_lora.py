@@ -505,15 +505,17 @@ def test_near_zero_fraction_counts_blocks_the_penalty_emptied():
 
 @pytest.mark.slow
 def test_small_reproduction_forgets_keeps_and_selects_few_blocks(tmp_path):
-    """evaluation/reproduce/gs_lora.py at a smaller size (patches of 8 pixels, 30 base epochs) with the full run's
-    forgetting hyper-parameters, GS-LoRA only: a 6-block ViT trained on shapes, then 3 tasks x 2 classes with
-    16-shot replay; the paper's three claims in every task. (A weaker base fails them: with 20 base epochs task 3's
-    forgetting failed on two threads; with 25, under transformers 5.25 / torch 2.13, task 2 lost 4.8 kept points.)"""
+    """evaluation/reproduce/gs_lora.py at a smaller size (patches of 8 pixels, 30 base epochs, the first two of its
+    three tasks) with the full run's forgetting hyper-parameters, GS-LoRA only: a 6-block ViT trained on shapes, then
+    2 tasks x 2 classes with 16-shot replay; the paper's three claims in every task. (A weaker base fails them: with
+    20 base epochs a later task's forgetting failed on two threads; with 25, under transformers 5.25 / torch 2.13,
+    task 2 lost 4.8 kept points; with 4,000 training images instead of 8,000 task 2 lost 21 points.)"""
     reproduce = _reproduction()
-    setting = reproduce.Setting(patch_size=8, base_epochs=30, num_test=1000, methods=("GS-LoRA",))
+    setting = reproduce.Setting(patch_size=8, base_epochs=30, num_test=1000, tasks=((8, 9), (6, 7)),
+                                methods=("GS-LoRA",))
     results = reproduce.run(setting, tmp_path, log=lambda *_: None)
     rows = results["methods"]["GS-LoRA"]
-    assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"], ["cross", "ring"]]
+    assert [r["forget_classes"] for r in rows] == [["semicircle", "arrow"], ["star", "hexagon"]]
     for r in rows:
         assert r["acc_f"] <= 0.10, r  # forgotten classes at or below chance
         assert r["retained_loss"] <= 0.03, r  # kept classes within 3 points of the original model
