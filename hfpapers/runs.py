@@ -38,6 +38,11 @@ class Table:
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
+    def report(self, output_dir: Path, **details: Any) -> None:
+        """Print the table and keep it, with `details`, in output_dir/results.json (a reproduction script's end)."""
+        print(f"{self.title}\n\n{self.markdown()}\n\n{self.note}")
+        (Path(output_dir) / RESULTS_FILE).write_text(json.dumps({**details, "table": asdict(self)}, indent=2))
+
 
 @dataclass
 class RunResult:

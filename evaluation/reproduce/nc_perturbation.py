@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    table = reproduce(args, output_dir)
-    print(f"{table.title}\n\n{table.markdown()}\n\n{table.note}")
-    (output_dir / "results.json").write_text(json.dumps({"seeds": args.seeds, "table": asdict(table)}, indent=2))
+    reproduce(args, output_dir).report(output_dir, seeds=args.seeds)
 
 
 if __name__ == "__main__":
