@@ -21,8 +21,10 @@ install: $(BIN)/hfpapers
 zoo: install
 	$(BIN)/hfpapers zoo build
 
+# Two workers, one thread each (two 2-thread workers would fight over the 2 cores); a file's tests stay on one
+# worker, so its module fixtures are built once.
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(BIN)/python evaluation/benchmarks/throughput.py

@@ -388,12 +388,14 @@ def register_with_transformers() -> None:
         for record in list_methods():
             if record.slug in _registered:
                 continue
+            # Marked first: registering can import a trigger (transformers.pipelines), whose hook calls back here
+            # and would register this record a second time, inside the first.
+            _registered.add(record.slug)
             try:
                 register_record(record)
             except Exception as error:  # any import error of a method's module
+                _registered.discard(record.slug)
                 failures.append((record.slug, error))
-            else:
-                _registered.add(record.slug)
         if failures:
             raise RegistrationError("; ".join(f"method {slug!r} could not be registered "
                                               f"({type(error).__name__}: {error})" for slug, error in failures)

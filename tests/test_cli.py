@@ -19,15 +19,11 @@ def test_every_command_has_help(command):
 def test_list_and_info():
     assert "scaling-mlp" in run_cli("list").stdout
     records = json.loads(run_cli("list", "--json").stdout)
-    assert [(r["slug"], r["arxiv_id"]) for r in records] == [("efficientvim", "2411.15241"),
-                                                             ("gs-lora", "2403.11530"),
-                                                             ("layerdiffusion", "2402.17113"),
-                                                             ("llm-embedding", "2409.02727"),
-                                                             ("nc-deep-linear", "2301.00437"),
-                                                             ("nc-mixup", "2402.06171"),
-                                                             ("nc-perturbation", "2210.16658"),
-                                                             ("read", "2412.17741"),
-                                                             ("scaling-mlp", "2306.13575")]
+    assert [(r["slug"], r["arxiv_id"]) for r in records] == [
+        ("croco", "2210.10716"), ("efficientvim", "2411.15241"), ("ftwt", "2110.08232"), ("gs-lora", "2403.11530"),
+        ("layerdiffusion", "2402.17113"), ("llm-embedding", "2409.02727"), ("nc-deep-linear", "2301.00437"),
+        ("nc-mixup", "2402.06171"), ("nc-perturbation", "2210.16658"), ("r-amt", "2307.15049"),
+        ("read", "2412.17741"), ("scaling-mlp", "2306.13575"), ("tract", "2410.23970")]
     info = json.loads(run_cli("info", "scaling-mlp").stdout)
     assert info["presets"]["B_12-Wi_1024"]["config"]["hidden_size"] == 1024
 
@@ -42,8 +38,8 @@ def test_list_fits_a_100_column_terminal_and_names_kind_paper_and_entry_point():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["info", "nope"], "unknown method 'nope'; known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, "
-                       "nc-deep-linear, nc-mixup, nc-perturbation, read, scaling-mlp"),
+    (["info", "nope"], "unknown method 'nope'; known methods: croco, efficientvim, ftwt, gs-lora, layerdiffusion, "
+                       "llm-embedding, nc-deep-linear, nc-mixup, nc-perturbation, r-amt, read, scaling-mlp, tract"),
     (["train", "scaling-mlp", "--output-dir", "x", "--preset", "huge"], "known presets: tiny"),
     (["train", "scaling-mlp", "--output-dir", "x", "--set", "colour=1"], "unknown settings ['colour']"),
     (["eval", "/nonexistent"], "has neither config.json nor hfpapers_run.json"),

