@@ -77,9 +77,11 @@ def test_two_processes_share_the_work(method, tmp_path):
     if method == "llm-embedding":  # text triplets; its tiny decoder's warm-up is a first fit in the same processes
         command += ["--dataset-option", "num_train=256", "--dataset-option", "num_test=64",
                     "--set", "pretrain_epochs=1"]
-    elif method == "layerdiffusion":  # RGBA layers; its small VAE's warm-up runs in each process
+    elif method == "layerdiffusion":  # RGBA layers; three stages in the same processes: the small VAE, the
+        # transparent VAE, the UNet
         command += ["--dataset-option", "resolution=32", "--dataset-option", "num_train=256",
-                    "--dataset-option", "num_test=64", "--set", "pretrain_vae_steps=5"]
+                    "--dataset-option", "num_test=64", "--set", "pretrain_vae_epochs=1",
+                    "--set", 'vae_stage={"num_epochs": 1}']
     elif method == "read":  # referring scenes; its small SAM's warm-up is a first fit in the same processes
         command += ["--dataset-option", "num_train=256", "--dataset-option", "num_test=32",
                     "--set", "sam_pretrain_epochs=1"]
