@@ -15,7 +15,8 @@ MODEL_CARDS_DIR = files("hfpapers.model_cards")
 TEMPLATE = MODEL_CARDS_DIR / "template.md"
 # The nearest Hub pipeline tag for tasks that hfpapers registers under names the Hub does not list (our task name
 # stays in the card's tags).
-HUB_PIPELINE_TAGS = {"sentence-embedding": "sentence-similarity", "reasoning-segmentation": "image-segmentation"}
+HUB_PIPELINE_TAGS = {"sentence-embedding": "sentence-similarity", "reasoning-segmentation": "image-segmentation",
+                     "cross-view-completion": "image-to-image"}
 
 
 def _card_tags(record) -> list[str]:

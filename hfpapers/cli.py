@@ -94,6 +94,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neural-collapse", action="store_true", default=None,
                         help="record NC1-NC4 of a classifier's penultimate features on the eval set each epoch "
                              "(in metrics.jsonl, plotted to neural_collapse.png)")
+    parser.add_argument("--tract", nargs="?", type=float, const=0.1, default=None, metavar="LAMBDA",
+                        help="train the first layer with TrAct (arXiv 2410.23970) at this lambda (default 0.1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any training argument or recipe field, e.g. label_smoothing=0.1 (repeatable)")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
@@ -106,7 +108,7 @@ def cmd_train(args) -> None:
     settings = {k: getattr(args, k) for k in ("num_epochs", "per_device_train_batch_size", "learning_rate",
                                               "gradient_accumulation_steps", "mixed_precision", "seed",
                                               "checkpoint_every_steps", "resume_from", "overwrite_output_dir",
-                                              "progress_bar", "neural_collapse")
+                                              "progress_bar", "neural_collapse", "tract")
                 if getattr(args, k) is not None}
     settings.update(key_values(args.set, "--set"))
     dataset_kwargs = key_values(args.dataset_option, "--dataset-option") if args.dataset_option else None

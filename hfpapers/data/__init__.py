@@ -11,16 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .captioned_shapes import build_captioned_shapes
 from .images import build_digits, build_shapes
 from .layers import build_rgba_layers
 from .referring import build_referring_scenes
 from .text import build_triplets
+from .views import build_view_pairs
 
 EMBEDDED: dict[str, Callable[..., Any]] = {"digits": build_digits, "shapes": build_shapes, "triplets": build_triplets,
-                                          "rgba_layers": build_rgba_layers, "referring_scenes": build_referring_scenes}
+                                          "rgba_layers": build_rgba_layers, "referring_scenes": build_referring_scenes,
+                                          "captioned_shapes": build_captioned_shapes, "view_pairs": build_view_pairs}
 
-__all__ = ["EMBEDDED", "build_digits", "build_referring_scenes", "build_rgba_layers", "build_shapes", "build_triplets",
-           "load"]
+__all__ = ["EMBEDDED", "build_captioned_shapes", "build_digits", "build_referring_scenes", "build_rgba_layers",
+           "build_shapes", "build_triplets", "build_view_pairs", "load"]
 
 
 # Files of a table of examples (rather than an image folder of class sub-folders).

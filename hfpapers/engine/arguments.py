@@ -31,6 +31,7 @@ class TrainingArguments:
     progress_bar: bool = True
     report_to: str | list[str] = "none"  # accelerate trackers: "none", "all", "tensorboard", "wandb", ... or a list
     neural_collapse: bool = False  # record NC1-NC4 of the classifier's penultimate features on the eval set each epoch
+    tract: float | None = None  # TrAct's lambda: train the first layer with TrAct's weight gradient (None: off)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -68,6 +69,8 @@ class TrainingArguments:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0 <= self.ema_start_epoch < self.num_epochs:
             raise ValueError(f"ema_start_epoch must lie in [0, num_epochs={self.num_epochs}), got {self.ema_start_epoch}")
+        if self.tract is not None and not (math.isfinite(self.tract) and self.tract > 0):
+            raise ValueError(f"tract (TrAct's lambda) must be a finite number above 0 (or None), got {self.tract}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
 

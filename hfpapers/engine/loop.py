@@ -88,6 +88,10 @@ def fit(model, datasets, recipe: Recipe, args: TrainingArguments, processor=None
         from ..analysis.neural_collapse import NeuralCollapseCallback
 
         callbacks.append(NeuralCollapseCallback())
+    if args.tract is not None:
+        from ..registry import get_method
+
+        callbacks.append(get_method("tract").load("hfpapers.methods.tract.tract.TrActCallback")(args.tract))
     accelerator = _accelerator(args, output_dir)
     set_seed(args.seed)
     train_set, eval_set = (recipe.prepare_dataset(datasets[split], processor) for split in ("train", "test"))

@@ -28,6 +28,10 @@ def tiny_inputs(task: str, config, batch_size: int = 3, seed: int = 0) -> dict[s
                 "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
                 "sam_pixel_values": torch.randn(batch_size, 3, sam_size, sam_size, generator=generator),
                 "original_sizes": torch.tensor([[sam_size * 3 // 4, sam_size]] * batch_size)}
+    if task == "cross-view-completion":  # two views of one scene, at the model's image size
+        shape = (batch_size, 3, config.image_size, config.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator),
+                "reference_pixel_values": torch.randn(shape, generator=generator)}
     raise ValueError(f"no tiny inputs for task {task!r}; add them to hfpapers.testing.tiny")
 
 
@@ -46,6 +50,10 @@ def wrong_inputs(task: str, config, batch_size: int = 2) -> dict[str, torch.Tens
         size = config.llava_config.vision_config.image_size
         return {"pixel_values": torch.randn(batch_size, 3, size + 1, size),
                 **{k: v for k, v in inputs.items() if k != "pixel_values"}}
+    if task == "cross-view-completion":  # a grayscale view
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch_size, 1, size, size),
+                "reference_pixel_values": torch.randn(batch_size, 3, size, size)}
     raise ValueError(f"no wrong inputs for task {task!r}; add them to hfpapers.testing.tiny")
 
 
@@ -127,6 +135,32 @@ def bad_inputs(task: str, config) -> list[tuple[str, dict, str]]:
             ("uint8 sam pixels", {**good, "sam_pixel_values": (sam * 255).to(torch.uint8)}, "sam_pixel_values"),
             ("int64 pixels", {**good, "pixel_values": pixels.long()}, "normalised floats"),
         ]
+    if task == "cross-view-completion":
+        x, ref = good["pixel_values"], good["reference_pixel_values"]
+        size, p = config.image_size, config.patch_size
+        return [
+            ("uint8", {"pixel_values": (x * 255).to(torch.uint8), "reference_pixel_values": ref},
+             r"floating point.*got torch.uint8"),
+            ("bool", {"pixel_values": x, "reference_pixel_values": ref > 0}, r"floating point.*got torch.bool"),
+            ("empty batch", {"pixel_values": x[:0], "reference_pixel_values": ref[:0]}, r"at least one image"),
+            ("nan", {"pixel_values": x.masked_fill(x > 1, float("nan")), "reference_pixel_values": ref},
+             r"NaN or infinite"),
+            ("inf reference", {"pixel_values": x, "reference_pixel_values": ref.masked_fill(ref > 1, float("inf"))},
+             r"reference_pixel_values contain NaN or infinite"),
+            ("grayscale", {"pixel_values": x[:, :1], "reference_pixel_values": ref},
+             r"RGB images of shape \(batch, 3, height, width\), got \(2, 1, .*grayscale"),
+            ("RGBA", {"pixel_values": torch.cat([x, x[:, :1]], 1), "reference_pixel_values": ref},
+             r"\(batch, 3, height, width\), got \(2, 4, "),
+            ("views of different sizes", {"pixel_values": x, "reference_pixel_values": ref[..., : size - p]},
+             rf"the two views must be the same size.*\(2, 3, {size}, {size - p}\)"),
+            ("views of different batches", {"pixel_values": x, "reference_pixel_values": ref[:1]},
+             r"the two views must be the same size and batch"),
+            ("size not a multiple of the patch", {"pixel_values": x[..., : size - 1, : size - 1],
+                                                  "reference_pixel_values": ref[..., : size - 1, : size - 1]},
+             rf"{size - 1}x{size - 1}; height and width must be multiples of patch_size={p}"),
+            ("no batch axis", {"pixel_values": x[0], "reference_pixel_values": ref[0]}, r"\(batch, 3, .*got \(3, "),
+            ("numpy", {"pixel_values": x.numpy(), "reference_pixel_values": ref}, r"got ndarray"),
+        ]
     raise ValueError(f"no bad inputs for task {task!r}; add them to hfpapers.testing.tiny")
 
 
@@ -194,6 +228,21 @@ def bad_settings(slug: str) -> list[tuple[str, dict, str]]:
             ("one flow point", {"flow_points": 1}, "flow_points=1"),
             ("layer-wise loss", {"layerwise_loss": "hinge"}, "layerwise_loss must be one of mse, ce"),
             ("split", {"split": "validation"}, "split must be one of train, test"),
+            ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
+        ]
+    if slug == "tract":
+        return [
+            ("lambda zero", {"l": 0.0}, r"l \(TrAct's lambda\) must be a finite number above 0"),
+            ("negative lambda", {"l": -0.1}, r"l \(TrAct's lambda\) must be a finite number above 0"),
+            ("infinite lambda", {"l": float("inf")}, r"l \(TrAct's lambda\) must be a finite number above 0"),
+            ("lambda as a flag", {"l": True}, r"l \(TrAct's lambda\) must be a finite number above 0"),
+            ("epochs", {"num_epochs": 0}, "num_epochs=0"),
+            ("batch size", {"batch_size": 0}, "batch_size=0"),
+            ("learning rate", {"learning_rate": 0.0}, "learning_rate=0.0"),
+            ("momentum", {"momentum": 1.0}, "momentum=1.0"),
+            ("negative decay", {"weight_decay": -1.0}, "weight_decay=-1.0"),
+            ("optimizer", {"optimizer": "lion"}, "optimizer must be one of sgd, adamw"),
+            ("empty layer name", {"layer": ""}, "layer must be a module name"),
             ("unknown setting", {"colour": 1}, r"unknown settings \['colour'\]"),
         ]
     raise ValueError(f"no bad settings for {slug!r}; add them to hfpapers.testing.tiny")

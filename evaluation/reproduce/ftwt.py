@@ -1,0 +1,227 @@
+"""Fire Together Wire Together (ftwt): dynamic pruning against static pruning at the same FLOPs, on embedded shapes.
+
+Claim (abstract, Tables 1-2 of the paper, README of the official code): predicting per input which filters run
+keeps more accuracy than static filter pruning at the same FLOPs reduction, and the activation-mass threshold r
+sets the reduction. Setting here: a CIFAR-style ResNet-8 (widths 16/32/64, zero-pad shortcuts) on 16x16 shapes
+(2,000 train / 500 test images). A dense baseline is trained first (`--base-epochs`). From it, each FTWT arm
+(one per r in `--thresholds`) trains `--finetune-epochs` with the official recipe (decoupled predictors, mask loss
+off after half of the run), the first epoch without applying the masks so that the new predictors learn their
+targets. Each static arm prunes every unit's lowest-L1-norm filters (Li et al., "Pruning Filters for Efficient
+ConvNets") at one uniform ratio, chosen so that its FLOPs equal the FTWT arm's measured ones as closely as whole
+filters allow. It trains for the same epochs at the same rate. FLOPs are the multiply-accumulates that the sparse
+execution runs, averaged over the test set; the predictors' own cost is listed apart.
+
+Pass criterion (fixed before the first run): averaged over the thresholds, FTWT's test accuracy is at least the
+static arm's, and FTWT is at least as accurate as the static arm at half of the thresholds or more.
+
+    python evaluation/reproduce/ftwt.py --output-dir out/ftwt [--seeds 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from hfpapers.runs import Table
+
+MODEL = {"backbone": "resnet", "stem_type": "cifar", "shortcut_type": "zero-pad", "image_size": 16,
+         "resnet_config": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1],
+                           "layer_type": "basic", "downsample_in_first_stage": False}}
+BASE_LR, FINETUNE_LR = 0.05, 0.01  # the official ratio: baseline at 0.1, FTWT from it at 0.01
+STATIC_LOGIT = 20.0  # a constant predictor output: sigmoid(+-20) is on either side of 0.5 in float32
+
+
+def l1_keep_masks(model, ratio: float) -> list[torch.Tensor]:
+    """Per masked unit, the filters that static L1-norm pruning keeps: all but the round(ratio * filters)
+    filters of smallest L1 weight norm (at least one is kept)."""
+    masks = []
+    for unit in model.ftwt.masked_units():
+        norms = unit.convolution.weight.detach().abs().sum(dim=(1, 2, 3))
+        num_keep = max(1, len(norms) - round(ratio * len(norms)))
+        keep = torch.zeros(len(norms), dtype=torch.bool)
+        keep[torch.topk(norms, num_keep).indices] = True
+        masks.append(keep)
+    return masks
+
+
+def make_static(model, keep_masks: list[torch.Tensor]) -> None:
+    """Turn the predictors into constants that always output `keep_masks`, and freeze them: static pruning as the
+    special case of FTWT whose masks ignore the input."""
+    with torch.no_grad():
+        for predictor, keep in zip(model.ftwt.mask_predictors, keep_masks, strict=True):
+            predictor.conv.weight.zero_()
+            predictor.conv.bias.copy_(torch.where(keep, STATIC_LOGIT, -STATIC_LOGIT))
+            predictor.requires_grad_(False)
+
+
+def mean_macs(model, pixel_values: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """Mean executed MACs per image (masked execution's count) and the predictors' MACs, over `pixel_values`."""
+    model.eval()
+    macs, predictor = [], []
+    with torch.no_grad():
+        for start in range(0, len(pixel_values), batch_size):
+            out = model(pixel_values=pixel_values[start:start + batch_size])
+            macs.append(out.macs)
+            predictor.append(out.predictor_macs)
+    return torch.cat(macs).mean().item(), torch.cat(predictor).mean().item()
+
+
+def match_static_ratio(model, target_macs: float, probe: torch.Tensor, steps: int = 12) -> float:
+    """The uniform L1 pruning ratio whose MACs on `probe` come closest to `target_macs` (bisection; the MACs fall
+    as the ratio grows). `model` is left unchanged."""
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    requires = [p.requires_grad for p in model.parameters()]
+
+    def macs_at(ratio):
+        make_static(model, l1_keep_masks(model, ratio))
+        return mean_macs(model, probe)[0]
+
+    low, high, best = 0.0, 0.95, (math.inf, 0.0)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        macs = macs_at(middle)
+        best = min(best, (abs(macs - target_macs), middle))
+        low, high = (middle, high) if macs > target_macs else (low, middle)
+    model.load_state_dict(original)
+    for param, flag in zip(model.parameters(), requires):
+        param.requires_grad_(flag)
+    return best[1]
+
+
+def _fit(model, datasets, processor, output_dir: Path, seed: int, epochs: int, learning_rate: float, **recipe):
+    from hfpapers.engine import TrainingArguments, fit
+    from hfpapers.methods.ftwt.recipe import FTWTRecipe
+
+    args = TrainingArguments(output_dir=str(output_dir), num_epochs=epochs, learning_rate=learning_rate,
+                             weight_decay=5e-4, per_device_train_batch_size=64, seed=seed, progress_bar=False,
+                             overwrite_output_dir=True)
+    return fit(model, datasets, FTWTRecipe(crop_padding=0, **recipe), args, processor).eval_metrics
+
+
+def run(output_dir: Path, seed: int = 0, thresholds=(0.9, 0.8, 0.7, 0.6), base_epochs: int = 15,
+        finetune_epochs: int = 6, num_train: int = 2000, num_test: int = 500, log=print) -> dict:
+    """Baseline, then one FTWT and one matched static arm per threshold; returns every measurement."""
+    from hfpapers.data import build_shapes
+    from hfpapers.methods.ftwt import FTWTConfig, FTWTForImageClassification
+    from hfpapers.methods.ftwt.recipe import build_image_processor
+
+    datasets = build_shapes(seed=0, resolution=MODEL["image_size"], num_train=num_train, num_test=num_test)
+    names = datasets["train"].features["label"].names
+
+    def new_model(**config):
+        torch.manual_seed(seed)
+        return FTWTForImageClassification(FTWTConfig(**MODEL, num_labels=len(names), id2label=dict(enumerate(names)),
+                                                     label2id={n: i for i, n in enumerate(names)}, **config))
+
+    processor = build_image_processor(new_model().config)
+    test_pixels = torch.as_tensor(processor(list(datasets["test"]["image"]), return_tensors="np")["pixel_values"])
+
+    baseline = new_model(masking=False)
+    metrics = _fit(baseline, datasets, processor, output_dir / "baseline", seed, base_epochs, BASE_LR,
+                   lr_milestones=(0.75,), mask_loss_weight=0.0)
+    dense_macs = baseline.dense_macs()
+    result = {"dense_macs": dense_macs, "baseline_accuracy": metrics["accuracy"], "arms": []}
+    log(f"baseline: accuracy {metrics['accuracy']:.4f}, {dense_macs:,} MACs")
+    for r in thresholds:
+        ftwt = new_model(mass_threshold=r)
+        ftwt.load_state_dict(baseline.state_dict())
+        ftwt_metrics = _fit(ftwt, datasets, processor, output_dir / f"ftwt-r{r}", seed, finetune_epochs,
+                            FINETUNE_LR, dense_epochs=1, lr_milestones=(0.75,))
+        ftwt_macs, predictor_macs = mean_macs(ftwt, test_pixels)
+        with torch.no_grad():  # the sparse execution runs exactly the counted MACs
+            sparse = ftwt(pixel_values=test_pixels[:32], sparse=True)
+            masked = ftwt(pixel_values=test_pixels[:32])
+        assert torch.equal(sparse.macs, masked.macs), "sparse and masked MAC counts differ"
+        kept_share = torch.cat([m.flatten() for m in masked.masks]).mean().item()
+        distinct = len({tuple(torch.cat([m[i] for m in masked.masks]).tolist()) for i in range(32)})
+
+        static = new_model(mass_threshold=r)
+        static.load_state_dict(baseline.state_dict())
+        ratio = match_static_ratio(static, ftwt_macs, test_pixels[:64])
+        make_static(static, l1_keep_masks(static, ratio))
+        static_metrics = _fit(static, datasets, processor, output_dir / f"static-r{r}", seed, finetune_epochs,
+                              FINETUNE_LR, lr_milestones=(0.75,), mask_loss_weight=0.0, mask_learning_rate=0.0)
+        static_macs, _ = mean_macs(static, test_pixels)
+        arm = {"threshold": r, "ftwt_accuracy": ftwt_metrics["accuracy"], "ftwt_reduction": 1 - ftwt_macs / dense_macs,
+               "predictor_share": predictor_macs / dense_macs, "kept_filter_share": kept_share,
+               "distinct_masks_in_32": distinct, "static_ratio": ratio,
+               "static_accuracy": static_metrics["accuracy"], "static_reduction": 1 - static_macs / dense_macs}
+        result["arms"].append(arm)
+        log(json.dumps(arm))
+    return result
+
+
+def passes(result: dict) -> bool:
+    """The criterion of the module docstring."""
+    gaps = [a["ftwt_accuracy"] - a["static_accuracy"] for a in result["arms"]]
+    return sum(gaps) / len(gaps) >= 0 and sum(g >= 0 for g in gaps) >= len(gaps) / 2
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for i, result in enumerate(results):
+        arms = result["arms"]
+        axes.plot([100 * a["ftwt_reduction"] for a in arms], [100 * a["ftwt_accuracy"] for a in arms], "o-",
+                  color="C0", label="FTWT (dynamic)" if i == 0 else None)
+        axes.plot([100 * a["static_reduction"] for a in arms], [100 * a["static_accuracy"] for a in arms], "s--",
+                  color="C1", label="L1-norm static" if i == 0 else None)
+        axes.plot([0], [100 * result["baseline_accuracy"]], "k*", markersize=10, label="dense" if i == 0 else None)
+    axes.set_xlabel("FLOPs reduction (%), executed MACs")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("ResNet-8 on 16x16 shapes")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def reproduce(args: argparse.Namespace, output_dir: Path) -> Table:
+    results = []
+    for seed in args.seeds:
+        results.append(run(output_dir / f"seed{seed}", seed, tuple(args.thresholds), args.base_epochs,
+                           args.finetune_epochs))
+    (output_dir / "runs.json").write_text(json.dumps(results, indent=2))
+    plot(results, output_dir / "accuracy_vs_flops.png")
+    rows = []
+    for seed, result in zip(args.seeds, results):
+        rows.append([seed, "dense", "0.0", f"{100 * result['baseline_accuracy']:.1f}", "–", "–", "–"])
+        for a in result["arms"]:
+            rows.append([seed, f"FTWT r={a['threshold']}", f"{100 * a['ftwt_reduction']:.1f}",
+                         f"{100 * a['ftwt_accuracy']:.1f}", f"{100 * a['static_reduction']:.1f}",
+                         f"{100 * a['static_accuracy']:.1f}",
+                         f"{100 * (a['ftwt_accuracy'] - a['static_accuracy']):+.1f}"])
+    verdict = "PASS" if all(passes(r) for r in results) else "FAIL"
+    return Table(
+        f"FTWT against L1-norm static pruning at matched FLOPs, ResNet-8 on 16x16 shapes: {verdict}",
+        ["seed", "arm", "FTWT FLOPs reduction %", "FTWT accuracy %", "static FLOPs reduction %",
+         "static accuracy %", "FTWT - static (points)"], rows,
+        "FLOPs reduction: 1 - executed MACs / dense MACs, averaged over the 500 test images (predictor cost not "
+        "subtracted; it is in runs.json as predictor_share). Static: uniform per-unit L1-norm filter pruning at "
+        "the ratio whose MACs come closest to FTWT's, fine-tuned as long. Criterion (fixed before running): mean "
+        "gap >= 0 and gap >= 0 at half of the thresholds or more.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="out/ftwt", help="where runs, the plot and results.json go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6],
+                        help="activation-mass thresholds r of the FTWT arms")
+    parser.add_argument("--base-epochs", type=int, default=15)
+    parser.add_argument("--finetune-epochs", type=int, default=6)
+    args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reproduce(args, output_dir).report(output_dir, seeds=args.seeds)
+
+
+if __name__ == "__main__":
+    main()
