@@ -41,15 +41,17 @@ def _check_repeats(repeats: int) -> None:
         raise ValueError(f"repeats must be at least 1 (timed calls whose median is kept), got {repeats}")
 
 
-def run_times(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of fn, after `warmup` untimed ones."""
+def run_times(fn: Callable[[], object], warmup: int, repeats: int,
+              clock: Callable[[], float] | None = None) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed ones (`clock`: see interleaved_medians)."""
+    clock = clock or time.perf_counter
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -79,9 +81,13 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Median]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                        clock: Callable[[], float] | None = None) -> dict[str, Median]:
     """Median seconds and minor page faults per call of each function, called in turn (A, B, A, B, ...) for
-    `warmup` untimed rounds and then `repeats` timed ones, so that a busy spell slows all of them alike."""
+    `warmup` untimed rounds and then `repeats` timed ones, so that a busy spell slows all of them alike.
+    `clock=time.process_time` counts this process's CPU seconds instead of wall-clock ones: on an oversubscribed
+    machine with one torch thread that leaves out the time other processes hold the core."""
+    clock = clock or time.perf_counter
     _check_repeats(repeats)
     for _ in range(warmup):
         for fn in fns.values():
@@ -90,9 +96,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repea
     for _ in range(repeats):
         for name, fn in fns.items():
             faults_before = minor_page_faults()  # read outside the timed span
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
             faults[name].append(minor_page_faults() - faults_before)
     return {name: Median(statistics.median(times[name]), statistics.median(faults[name])) for name in fns}
 
@@ -104,11 +110,12 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_gflops(warmup: int, repeats: int, size: int = MATMUL_SIZE) -> float:
+def matmul_gflops(warmup: int, repeats: int, size: int = MATMUL_SIZE,
+                  clock: Callable[[], float] | None = None) -> float:
     """The rate of one large fp32 matmul: what the BLAS reaches on this machine with these threads."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     with torch.inference_mode():
-        seconds = median_seconds(lambda: a @ b, warmup, repeats)
+        seconds = statistics.median(run_times(lambda: a @ b, warmup, repeats, clock))
     return 2 * size**3 / seconds / 1e9
 
 

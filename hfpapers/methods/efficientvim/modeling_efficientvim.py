@@ -35,8 +35,12 @@ class LayerNorm1D(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(1, channels, 1))
         self.bias = nn.Parameter(torch.zeros(1, channels, 1))
+        self.channels_last = False  # set by fuse(): x has channels innermost in memory, one layer_norm kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            normed = F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.weight.flatten(), self.bias.flatten(), self.eps)
+            return normed.movedim(-1, 1)
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)  # biased, as the official layer
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
@@ -91,6 +95,8 @@ class ConvLayer2D(nn.Module):
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
         self.conv, self.norm = fused, None
+        if self.act is not None:  # at inference the conv's output is fresh: rectify it in place
+            self.act = nn.ReLU(inplace=True)
 
 
 class ConvLayer1D(nn.Module):
@@ -136,16 +142,24 @@ class HiddenStateMixerSSD(nn.Module):
         self.out_proj = ConvLayer1D(self.inner_dim, dim)
         self.A = nn.Parameter(torch.empty(state_dim))
         self.D = nn.Parameter(torch.empty(1))
+        self.channels_last = False  # set by fuse(): x arrives token-major, y leaves token-major
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, tokens = x.shape
-        BCdt = self.dw(self.BCdt_proj(x).view(batch, -1, height, width)).flatten(2)
+        if self.channels_last:
+            # x is (batch, C, L) over (batch, L, C) memory: the 1x1 projection is one GEMM over all tokens, and
+            # its (batch, L, 3N) result viewed as (batch, 3N, H, W) is the channels-last map the dw conv wants.
+            BCdt = F.linear(x.transpose(1, 2), self.BCdt_proj.conv.weight.flatten(1))
+            BCdt = self.dw(BCdt.transpose(1, 2).view(batch, -1, height, width)).flatten(2)
+        else:
+            BCdt = self.dw(self.BCdt_proj(x).view(batch, -1, height, width)).flatten(2)
         B, C, dt = BCdt.chunk(3, dim=1)
         A = (dt + self.A.view(1, -1, 1)).softmax(-1)  # normalised over the L image tokens
         h = x @ (A * B).transpose(-2, -1)  # (batch, C, N)
         h, z = self.hz_proj(h).chunk(2, dim=1)
         h = self.out_proj(h * F.silu(z) + h * self.D)
-        y = h @ C  # (batch, C, L)
+        # y = h C, (batch, C, L); channels-last: computed as (C^T h^T)^T so that it lands token-major.
+        y = (C.transpose(1, 2) @ h.transpose(1, 2)).transpose(1, 2) if self.channels_last else h @ C
         return y.view(batch, -1, height, width), h
 
 
@@ -166,11 +180,16 @@ class EfficientViMBlock(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2:]
+        if self.fused:  # (1 - a) x + a f(x) as one lerp kernel, x + a (f(x) - x), with a fixed at fuse()
+            x = self.dwconv1(x)
+            y, h = self.mixer(self.norm(x.flatten(2)), height, width)
+            x = self.dwconv2(torch.lerp(x, y, self.fused_gates[0]))
+            return torch.lerp(x, self.ffn(x), self.fused_gates[1]), h
         gate = self.alpha.sigmoid().view(4, 1, -1, 1, 1)
-        x = self.dwconv1(x) if self.fused else (1 - gate[0]) * x + gate[0] * self.dwconv1(x)
+        x = (1 - gate[0]) * x + gate[0] * self.dwconv1(x)
         y, h = self.mixer(self.norm(x.flatten(2)), height, width)
         x = (1 - gate[1]) * x + gate[1] * y
-        x = self.dwconv2(x) if self.fused else (1 - gate[2]) * x + gate[2] * self.dwconv2(x)
+        x = (1 - gate[2]) * x + gate[2] * self.dwconv2(x)
         x = (1 - gate[3]) * x + gate[3] * self.ffn(x)
         return x, h
 
@@ -182,6 +201,9 @@ class EfficientViMBlock(GradientCheckpointingLayer):
         self.dwconv2.fuse(scale=gate[2], identity=1 - gate[2])
         self.ffn.fc1.fuse()
         self.ffn.fc2.fuse()
+        self.mixer.channels_last = self.norm.channels_last = True
+        # the gates of the HSM-SSD and FFN branches, (2, 1, C, 1, 1); not saved (a fused model is never saved)
+        self.register_buffer("fused_gates", gate[[1, 3]].view(2, 1, -1, 1, 1).clone(), persistent=False)
         self.fused = True
 
 
@@ -349,8 +371,10 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def fuse(self):
         """Reparameterise for inference: BatchNorms folded into their convs, depthwise branches and residuals
-        folded into their kernels. Outputs stay equal (to float rounding); the model can no longer be trained
-        or saved, so fuse a copy used for inference."""
+        folded into their kernels, the gated branch sums done as single lerps, and the convs run channels-last
+        (the input is converted on entry; feature maps come out in channels-last memory, same shapes). Outputs
+        stay equal (to float rounding); the model can no longer be trained or saved, so fuse a copy used for
+        inference."""
         if self.training:
             raise ValueError("fuse() folds BatchNorm inference statistics: call model.eval() first")
         for module in list(self.modules()):
@@ -360,6 +384,9 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
                 for layer in module.conv:
                     if layer.norm is not None:
                         layer.fuse()
+        for module in self.modules():  # oneDNN's convs run faster on NHWC than on NCHW here
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
         self.config.fused = True
         return self
 
@@ -380,7 +407,9 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be floating point, normalised by the image processor; got "
                              f"{pixel_values.dtype} (raw {pixel_values.dtype} pixels are not normalised)")
-        if not torch.isfinite(pixel_values).all():
+        # A NaN or inf anywhere makes the sum non-finite: one reduction, no (batch, C, H, W) masks per call
+        # (skipped while torch.compile traces: a data-dependent branch would break the graph).
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values.sum(dtype=torch.float64)):
             raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
         return pixel_values.to(self.dtype)
 
@@ -427,6 +456,8 @@ class EfficientViMModel(EfficientViMPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if getattr(self.config, "fused", False):  # the fused convs are channels-last (fuse())
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(pixel_values)
         features, states = [], []
         for stage in self.stages:

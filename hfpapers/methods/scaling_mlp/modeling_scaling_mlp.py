@@ -75,7 +75,9 @@ class ScalingMLPPreTrainedModel(PreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values is an empty batch, shape {tuple(pixel_values.shape)}; "
                              "pass at least one image")
-        if not torch.isfinite(pixel_values).all():
+        # A NaN or inf anywhere makes the sum non-finite: one reduction, no (batch, C, H, W) masks per call
+        # (skipped while torch.compile traces: a data-dependent branch would break the graph).
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values.sum(dtype=torch.float64)):
             raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
         return pixel_values.to(self.dtype)
 

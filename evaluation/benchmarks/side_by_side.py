@@ -1,0 +1,337 @@
+"""Every method against its official code, side by side: one process, interleaved calls, the same random weights.
+
+For each method that has an adapter here (`ADAPTERS`, filled by `@official_adapter(slug)`), the official module is
+imported from a local clone of its repository (fetched by you, never vendored: `--official SLUG=PATH`), built with
+random weights, and those weights are loaded into ours. Each table row then times the official module and our
+variants (unfused / fused, bf16, compiled, ... as the adapter offers) in turn, A, B, C, A, B, C, ..., on the same
+input, and keeps the medians (hfpapers.testing.benchmark.interleaved_medians): a busy spell on a shared machine
+slows every variant alike, so trust the ratios more than the img/s. It also prints each variant's largest
+absolute output difference from the official module, and the fraction of the fp32 matmul rate (a 2048^3 matmul
+timed in the same run) that the FLOPs of our fastest fp32 variant reach.
+
+    python evaluation/benchmarks/side_by_side.py --official efficientvim=/tmp/EfficientViM \\
+        scaling-mlp=/tmp/scaling_mlps [--methods efficientvim] [--presets M1 M4] [--threads 2] [--repeats 7]
+        [--warmup 2] [--compile] [--json out.json]
+
+A bare `--official PATH` is accepted when `--methods` names one method. Adding a method: write a function that
+takes (repository path, args) and yields `Row`s, decorate it with `@official_adapter("<slug>")`; see the two below.
+What the official repositories need: EfficientViM imports timm (its reparameterised model is timed too when timm
+is importable); both import a package only for FLOP counting or downloads (fvcore, progressbar), replaced by an
+empty module when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hfpapers
+from hfpapers.testing.benchmark import MATMUL_SIZE, MachineLoad, count_flops, interleaved_medians, matmul_gflops
+
+OFFICIAL = "official"
+
+
+@dataclass
+class Row:
+    """One line of a method's table: callables timed in turn, the first one the official module."""
+
+    model: str  # what is timed, e.g. "M1 forward, batch 16"
+    items_per_call: int  # images per call: the table shows images/s
+    variants: dict[str, Callable[[], object]]  # name -> one call; OFFICIAL first
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # variant -> largest |output - official output|
+    flops_per_call: float | None = None  # matmul-like FLOPs of one call of our fp32 variants
+    goal: str = ""
+    images_per_s: dict[str, float] = field(default_factory=dict)  # filled by main
+
+
+ADAPTERS: dict[str, Callable[[Path, argparse.Namespace], Iterator[Row]]] = {}
+
+
+def official_adapter(slug: str):
+    """Register `fn(repository_path, args) -> Iterator[Row]` as the side-by-side comparison of method `slug`."""
+    def register(fn):
+        ADAPTERS[slug] = fn
+        return fn
+    return register
+
+
+def import_official(repository: Path, subdirectory: str, module: str, optional: Mapping | None = None):
+    """Import `module` from `repository/subdirectory` (prepended to sys.path). The modules in `optional` (name ->
+    the names imported from it), which the official code needs only for FLOP counting or downloads, become
+    placeholders holding None when they are not installed."""
+    root = repository / subdirectory
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist: pass the root of a clone of the official repository")
+    for name, attributes in (optional or {}).items():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            for part in range(1, name.count(".") + 2):
+                dotted = ".".join(name.split(".")[:part])
+                sys.modules.setdefault(dotted, types.ModuleType(dotted))
+            for attribute in attributes:
+                setattr(sys.modules[name], attribute, None)
+    top = module.split(".")[0]
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(root)):
+            del sys.modules[name]  # another repository's package of the same name (both have `models`)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(root))
+
+
+def presets_for(slug: str, args, default: tuple[str, ...]) -> list[str]:
+    """The --presets that method `slug` has (all of `default` when none was given)."""
+    if not args.presets:
+        return list(default)
+    return [p for p in args.presets if p in hfpapers.get_method(slug).presets]
+
+
+def max_abs_diff(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    reference = outputs[OFFICIAL].float()
+    return {name: (out.float() - reference).abs().max().item() for name, out in outputs.items() if name != OFFICIAL}
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of an inference copy, with inductor's freezing (weights as constants: prepacked for oneDNN)."""
+    torch._inductor.config.freezing = True
+    return torch.compile(model, fullgraph=True)
+
+
+# --- EfficientViM ---------------------------------------------------------------------------------------------------
+
+
+@official_adapter("efficientvim")
+def efficientvim_rows(repository: Path, args) -> Iterator[Row]:
+    """Forward (eval, inference_mode) of the official EfficientViM_M*, timm's model and its reparameterised copy
+    (when timm is importable), ours and our fused copy; BatchNorm statistics and gates randomised so that the
+    folding is really exercised (efficientvim_speed.perturb_inference_statistics)."""
+    from efficientvim_speed import perturb_inference_statistics
+    from hfpapers.methods.efficientvim.convert_efficientvim import convert_state_dict
+
+    official_models = import_official(repository, "classification", "models", optional={"fvcore.nn": ("flop_count",)})
+    try:
+        import timm
+        from timm.models.efficientvim import checkpoint_filter_fn
+        from timm.utils.model import reparameterize_model
+    except ImportError:
+        timm = None
+    batch = args.batch_size or 16
+    for preset in presets_for("efficientvim", args, hfpapers.get_method("efficientvim").paper_presets):
+        torch.manual_seed(0)
+        official = getattr(official_models, f"EfficientViM_{preset}")().eval()
+        perturb_inference_statistics(official, torch.Generator().manual_seed(0))
+        state = official.state_dict()
+        ours = hfpapers.create_model("efficientvim", preset=preset).eval()
+        ours.load_state_dict(convert_state_dict(state, ours.config))
+        fused = copy.deepcopy(ours).fuse()
+        size = ours.config.image_size
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        variants = {OFFICIAL: lambda m=official: m(x)}
+        if timm is not None:
+            reference = timm.create_model(f"efficientvim_{preset.lower()}").eval()
+            reference.load_state_dict(checkpoint_filter_fn(state, reference))
+            variants["timm"] = lambda m=reference: m(x)
+            variants["timm reparameterised"] = lambda m=reparameterize_model(copy.deepcopy(reference)): m(x)
+        variants["ours"] = lambda: ours(pixel_values=x).logits
+        variants["ours fused"] = lambda: fused(pixel_values=x).logits
+        if args.compile:
+            fast = compiled(fused)
+            variants["ours fused, compiled"] = lambda: fast(pixel_values=x).logits
+        with torch.inference_mode():
+            diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            flops = count_flops(lambda: fused(pixel_values=x))
+        yield Row(f"{preset} forward, {size}px, batch {batch}", batch, variants, diffs, flops,
+                  goal="ours fused >= 1.3x official, > timm reparameterised")
+
+
+# --- Scaling MLP ----------------------------------------------------------------------------------------------------
+
+
+@official_adapter("scaling-mlp")
+def scaling_mlp_rows(repository: Path, args) -> Iterator[Row]:
+    """The official BottleneckMLP against ours: forward (eval, inference_mode; also bf16 autocast, and compiled
+    with --compile), and a train step: forward, cross-entropy, backward, LION step, zero_grad; the official loop
+    (train.py: its model and its Lion) against ours (our model and ScalingMLPRecipe's optimiser)."""
+    from hfpapers.methods.scaling_mlp.convert_scaling_mlp import convert_state_dict
+    from hfpapers.methods.scaling_mlp.recipe import ScalingMLPRecipe
+
+    networks = import_official(repository, ".", "models.networks", optional={"progressbar": ()})
+    official_lion = import_official(repository, ".", "utils.optimizer").Lion
+    batch = args.batch_size or 64
+    for preset in presets_for("scaling-mlp", args, ("B_12-Wi_1024",)):
+        ours = hfpapers.create_model("scaling-mlp", preset=preset).eval()
+        c = ours.config
+        torch.manual_seed(0)
+        official = networks.BottleneckMLP(c.input_dim, c.num_labels,
+                                          [[c.expansion_factor * c.hidden_size, c.hidden_size]] * c.num_blocks,
+                                          norm=c.norm_type).eval()
+        ours.load_state_dict(convert_state_dict(official.state_dict()))
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=generator)
+        labels = torch.randint(c.num_labels, (batch,), generator=generator)
+        flat = x.flatten(1)
+
+        variants = {OFFICIAL: lambda: official(flat), "ours": lambda: ours(pixel_values=x).logits,
+                    "ours bf16 autocast": lambda: _bf16(lambda: ours(pixel_values=x).logits)}
+        if args.compile:
+            fast = compiled(copy.deepcopy(ours))
+            variants["ours compiled"] = lambda: fast(pixel_values=x).logits
+        with torch.inference_mode():
+            diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            flops = count_flops(lambda: ours(pixel_values=x))
+        yield Row(f"{preset} forward, batch {batch}", batch, variants, diffs, flops,
+                  goal="ours >= 0.70 of the matmul rate")
+
+        # Train steps from the same weights: the official loop (train.py's order) and ours.
+        official.train(), ours.train()
+        lr = 1e-4
+
+        def official_step(model=official, optimizer=official_lion(official.parameters(), lr=lr)):
+            loss = torch.nn.CrossEntropyLoss()(model(flat), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        train_args = types.SimpleNamespace(learning_rate=lr, weight_decay=0.0)
+        ours_optimizer = ScalingMLPRecipe().build_optimizer(ours, train_args)
+
+        def ours_step(model=ours, optimizer=ours_optimizer):
+            F.cross_entropy(model(pixel_values=x).logits, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # The check: 3 steps of each from the same weights, then the largest parameter difference.
+        before = copy.deepcopy(official.state_dict())
+        for _ in range(3):
+            official_step(), ours_step()
+        after = convert_state_dict(official.state_dict())
+        diff = max((ours.state_dict()[k] - v).abs().max().item() for k, v in after.items())
+        official.load_state_dict(before), ours.load_state_dict(convert_state_dict(before))
+        yield Row(f"{preset} train step (LION), batch {batch}", batch, {OFFICIAL: official_step, "ours": ours_step},
+                  {"ours": diff}, 3 * flops, goal="ours >= 1.3x official")
+
+
+def _bf16(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
+# --- the run ----------------------------------------------------------------------------------------------------------
+
+
+def parse_official(values: list[str], methods: list[str] | None, parser) -> dict[str, Path]:
+    paths = {}
+    for value in values:
+        slug, sep, path = value.partition("=")
+        if not sep:
+            if not methods or len(methods) != 1:
+                parser.error(f"--official {value}: give SLUG=PATH, or name exactly one method with --methods")
+            slug, path = methods[0], value
+        if slug not in ADAPTERS:
+            parser.error(f"--official {value}: no side-by-side adapter for {slug!r} (have: {', '.join(ADAPTERS)})")
+        paths[slug] = Path(path).expanduser()
+    return paths
+
+
+def method_table(rows: list[Row], peak: float) -> str:
+    names = list(dict.fromkeys(n for row in rows for n in row.variants))  # every row's variants, in order
+    ours = [n for n in names if n != OFFICIAL]
+    header = (["model", *(f"{n} img/s" for n in names), *(f"{n} / official" for n in ours),
+               "ours fastest fp32: GFLOP/s (of matmul rate)", "max abs diff vs official", "goal"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        ips = row.images_per_s
+        official = ips[OFFICIAL]
+        fp32 = [n for n in ips if n.startswith("ours") and "bf16" not in n]
+        rate = "-"
+        if row.flops_per_call and fp32:
+            best = max(ips[n] for n in fp32)
+            gflops = row.flops_per_call * best / row.items_per_call / 1e9
+            rate = f"{gflops:.1f} ({gflops / peak:.2f})"
+        cells = [row.model, *(f"{ips[n]:.1f}" if n in ips else "-" for n in names),
+                 *(f"**{ips[n] / official:.2f}x**" if n in ips else "-" for n in ours),
+                 rate, ", ".join(f"{n}: {row.max_abs_diff[n]:.1e}" for n in ours if n in row.max_abs_diff), row.goal]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", nargs="+", required=True, metavar="SLUG=PATH",
+                        help="clone of each official repository (a bare PATH with a single --methods)")
+    parser.add_argument("--methods", nargs="+", help="method slugs (default: every one given with --official)")
+    parser.add_argument("--presets", nargs="+", help="presets (default: each adapter's)")
+    parser.add_argument("--batch-size", type=int, help="default: each adapter's (16 EfficientViM, 64 Scaling MLP)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (every variant once per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU seconds (use with --threads 1 on a machine others keep busy)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants (slow to build)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+    paths = parse_official(args.official, args.methods, parser)
+    slugs = [s for s in (args.methods or paths) if s in paths]
+    if args.methods and (missing := [s for s in args.methods if s not in paths]):
+        parser.error(f"no --official path for {missing}")
+
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark modules the adapters reuse
+    tables = {}
+    with MachineLoad() as load:
+        peak_start = matmul_gflops(args.warmup, args.repeats, clock=clock)
+        for slug in slugs:
+            tables[slug] = []
+            for row in ADAPTERS[slug](paths[slug], args):
+                with torch.inference_mode() if "train" not in row.model else contextlib.nullcontext():
+                    medians = interleaved_medians(row.variants, args.warmup, args.repeats, clock)
+                row.images_per_s = {n: row.items_per_call / m.seconds for n, m in medians.items()}
+                row.variants = dict.fromkeys(row.variants)  # drop the closures (and the models they hold)
+                tables[slug].append(row)
+                gc.collect()
+        peak = max(peak_start, matmul_gflops(args.warmup, args.repeats, clock=clock))
+
+    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"median of {args.repeats} interleaved rounds after {args.warmup}; 1-min load average {load.load_before:.2f} "
+          f"before, {load.load_after:.2f} after; {load.wall_s:.0f} s")
+    if load.background is not None:
+        print(f"background: other processes used {100 * load.background:.1f}% of the machine's CPU time")
+    print(f"matmul rate: fp32 {MATMUL_SIZE}^3 = {peak:.1f} GFLOP/s (faster of start and end of the run)")
+    for slug, rows in tables.items():
+        print(f"\n### {slug} (official: {paths[slug]})\n")
+        print(method_table(rows, peak))
+    without = [r.slug for r in hfpapers.list_methods() if r.official_code and r.slug not in ADAPTERS]
+    if without:
+        print(f"\nmethods with official code but no side-by-side adapter yet: {', '.join(without)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                       "repeats": args.repeats,
+                       "matmul_gflops": peak, "load_average_before": load.load_before,
+                       "background_cpu_fraction": load.background,
+                       "tables": {slug: [{"model": r.model, "images_per_s": r.images_per_s,
+                                          "max_abs_diff": r.max_abs_diff, "flops_per_call": r.flops_per_call}
+                                         for r in rows] for slug, rows in tables.items()}}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
