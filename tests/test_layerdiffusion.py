@@ -369,8 +369,8 @@ def test_tiny_training_learns_alpha_and_keeps_the_latent_harmless(tmp_path):
     from hfpapers.methods.layerdiffusion.recipe import LayerDiffusionRecipe
 
     layers = {"resolution": 32, "num_train": 512, "num_test": 64}
-    result = train("layerdiffusion", str(tmp_path), dataset_kwargs=layers, progress_bar=False, num_epochs=4,
-                   per_device_train_batch_size=8, pretrain_vae_epochs=9,
+    result = train("layerdiffusion", str(tmp_path), dataset_kwargs=layers, progress_bar=False, num_epochs=8,
+                   per_device_train_batch_size=16, learning_rate=2e-3, pretrain_vae_epochs=9,
                    finetune_unet=False)
     trained = result.eval_metrics
     # The same model before training: its pretrained VAE with a fresh (zero-offset) encoder and decoder.
