@@ -119,7 +119,7 @@ VAE_TRAINING = {"learning_rate": 2e-3, "weight_decay": 0.01, "lr_scheduler": "co
 
 def pretrain_vae(vae, datasets, output_dir: str, seed: int, num_epochs: int, kl_weight: float):
     """Train `vae` from scratch on the layers through the engine (into `output_dir`; reused when there), then set
-    its scaling factor to 1 / std of the latents, as Stable Diffusion's was chosen. Returns the trained VAE and
+    its scaling factor to 1 / std of sampled latents, as Stable Diffusion's was chosen. Returns the trained VAE and
     its reconstruction MSE on the first 256 training layers."""
     from diffusers import AutoencoderKL
 
@@ -130,7 +130,10 @@ def pretrain_vae(vae, datasets, output_dir: str, seed: int, num_epochs: int, kl_
     with torch.no_grad():
         posterior = trained.encode(images).latent_dist
         mse = F.mse_loss(trained.decode(posterior.mean).sample, images).item()
-        trained.register_to_config(scaling_factor=round(1.0 / posterior.mean.std().item(), 5))
+        # Of sampled latents, as LDM's `scale_by_std`: the diffusion model sees mean + std * offset, and where the
+        # posterior noise dominates (the room the offset needs) the mean alone is far narrower.
+        samples = posterior.sample(torch.Generator().manual_seed(seed))
+        trained.register_to_config(scaling_factor=round(1.0 / samples.std().item(), 5))
     return trained, mse
 
 
