@@ -559,3 +559,21 @@ def test_encode_accepts_pil_images_and_casts_float64_and_float16(tiny_vae):
             torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="not RGBA"):
         tiny_vae.encode(images[0].convert("RGB"))
+
+
+def test_small_vae_scaling_factor_gives_sampled_latents_unit_std(tmp_path):
+    """The diffusion model sees sampled latents (mean + std * offset): the factor must scale those, not the means,
+    which are far narrower wherever the posterior noise dominates (the room the offset needs)."""
+    from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import rgba_to_tensor
+    from hfpapers.methods.layerdiffusion.recipe import premultiplied, pretrain_vae
+    from hfpapers.registry import get_method
+
+    layers = data.load("rgba_layers", resolution=32, num_train=64, num_test=8)
+    torch.manual_seed(0)
+    vae = get_method("layerdiffusion").resolve("tiny").new_model().vae
+    trained, _ = pretrain_vae(vae, layers, str(tmp_path / "vae"), seed=0, num_epochs=1, kl_weight=1e-4)
+    images = premultiplied(rgba_to_tensor(list(layers["train"]["image"])))
+    with torch.no_grad():
+        posterior = trained.encode(images).latent_dist
+    samples = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    assert (samples * trained.config.scaling_factor).std().item() == pytest.approx(1.0, rel=0.1)
