@@ -76,7 +76,7 @@ RECORD = MethodRecord(
   booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
   year      = {2023}
 }""",
-    time_budget_s=40,
+    time_budget_s=30,
     paper_results={
         "claim (CroCo, Sec. 4)": "cross-view completion pre-training transfers better to 3D tasks (depth, flow, pose) "
                                  "than single-view masked image modeling (MAE)",

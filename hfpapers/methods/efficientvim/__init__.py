@@ -56,7 +56,7 @@ RECORD = MethodRecord(
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2025}
 }""",
-    time_budget_s=240,
+    time_budget_s=120,
     paper_results={
         "M1, ImageNet-1k top-1, 300 epochs (450 / distilled)": "72.9 (73.5 / 74.6)",
         "M2, ImageNet-1k top-1, 300 epochs (450 / distilled)": "75.4 (75.8 / 76.7)",

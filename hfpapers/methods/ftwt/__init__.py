@@ -74,7 +74,7 @@ RECORD = MethodRecord(
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2022}
 }""",
-    time_budget_s=40,
+    time_budget_s=15,
     paper_results={
         "ResNet-56, CIFAR-10, decoupled, r=0.80: top-1 / FLOPs reduction": "92.63 / 66% (baseline 93.66)",
         "VGG-16-BN, CIFAR-10, decoupled, r=0.92: top-1 / FLOPs reduction": "93.73 / 56% (baseline 93.82)",

@@ -67,7 +67,7 @@ RECORD = MethodRecord(
   journal = {arXiv preprint arXiv:2501.09705},
   year    = {2025}
 }""",
-    time_budget_s=60,
+    time_budget_s=20,
     # [paper] arXiv 2501.09705 Tables 3-4 as shipped in the official README: H / Acc_r / Acc_f / Acc_o in %.
     paper_results={
         "GS-LoRA, face CASIA-100, 4 tasks x 20 classes, full replay, task 4 (40-20)": "73.76 / 72.45 / 0.00 / 1.93",

@@ -68,7 +68,7 @@ RECORD = MethodRecord(
   journal = {arXiv preprint arXiv:2409.02727},
   year    = {2024}
 }""",
-    time_budget_s=150,
+    time_budget_s=60,
     paper_results={
         "Model 1 (EOS, causal), Mistral-7B, MTEB STS / Class. / Retr. / Clus.": "0.8302 / 0.7244 / 0.5394 / 0.4503",
         "Model 5 (multi-layer trainable, bidirectional), delta vs Model 1": "+0.0166* / -0.0143* / +0.0226* / -0.0246*",

@@ -46,7 +46,7 @@ RECORD = MethodRecord(
   booktitle = {The Twelfth International Conference on Learning Representations (ICLR)},
   year      = {2024}
 }""",
-    time_budget_s=60,
+    time_budget_s=15,
     # [paper] abstract, Fig. 1 and §3 (qualitative: the paper reports its findings as figures).
     paper_results={
         "WideResNet-40-10 / ViT on CIFAR-10, CIFAR-100, FashionMNIST, ... (Fig. 1), same-class mixes":

@@ -51,7 +51,7 @@ RECORD = MethodRecord(
   volume    = {202},
   year      = {2023}
 }""",
-    time_budget_s=60,
+    time_budget_s=15,
     # [paper] statements (no numeric tables): Thm 3.1, Cor. 3.2, Thm 4.2, §5 Fig. 2.
     paper_results={
         "Cor. 3.2, NC1 (trace ratio) of H* vs H0": "below H0's for beta above a constant C(H0)",

@@ -63,7 +63,7 @@ RECORD = MethodRecord(
   booktitle = {ICCV},
   year      = {2023}
 }""",
-    time_budget_s=40,
+    time_budget_s=20,
     paper_results={
         "ViT-B/16, 16 shots, mean of 11 datasets, top-1 %": "zero-shot CLIP 65.23, AMT 83.46, R-AMT 83.96",
         "ViT-B/16, R-AMT 1 / 2 / 4 / 8 shots, mean top-1 %": "70.52 / 73.48 / 77.58 / 80.10",

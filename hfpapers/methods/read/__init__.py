@@ -96,7 +96,7 @@ RECORD = MethodRecord(
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2025}
 }""",
-    time_budget_s=300,
+    time_budget_s=90,
     paper_results={
         "ReasonSeg val, READ-7B (LLaVA-1.5, ft), gIoU / cIoU": "59.8 / 67.6",
         "ReasonSeg test, READ-7B, gIoU / cIoU": "58.5 / 58.6",

@@ -51,7 +51,7 @@ RECORD = MethodRecord(
   booktitle = {Advances in Neural Information Processing Systems},
   year      = {2023}
 }""",
-    time_budget_s=90,
+    time_budget_s=40,
     paper_results={
         "B_12-Wi_1024 (IN21k pre-train, fine-tuned), CIFAR-10 top-1": "94.2 (95.5 with test-time augmentation)",
         "B_12-Wi_1024 (IN21k pre-train, fine-tuned), CIFAR-100 top-1": "80.0 (82.6 with test-time augmentation)",

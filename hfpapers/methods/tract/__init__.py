@@ -47,7 +47,7 @@ RECORD = MethodRecord(
   booktitle = {Advances in Neural Information Processing Systems},
   year      = {2024}
 }""",
-    time_budget_s=60,
+    time_budget_s=30,
     # [paper] arXiv 2410.23970: Fig. 3, Tables 1-3.
     paper_results={
         "CIFAR-10 ResNet-18, SGD: TrAct at 100 epochs vs baseline at 800 epochs": "TrAct higher (Fig. 3)",
