@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import hfpapers
-from hfpapers.methods.efficientvim.modeling_efficientvim import LayerNorm1D
+from hfpapers.methods.efficientvim.modeling_efficientvim import ConvLayer2D, LayerNorm1D
 from hfpapers.methods.scaling_mlp import recipe
+from hfpapers.methods.scaling_mlp.modeling_scaling_mlp import PackedLinear
 from hfpapers.testing.tiny import tiny_inputs
 
 # bf16 keeps 8 significant bits. The issue's bound, 1e-2 relative to fp32, holds for the GEMM-bound Scaling MLP
@@ -74,20 +75,55 @@ def test_fused_efficientvim_runs_channels_last_and_keeps_every_output():
     fused = copy.deepcopy(model).fuse()
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
                for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
-    x = torch.randn(1, 3, 48, 80)  # one image, not square
-    with torch.no_grad():
-        expected = model(pixel_values=x, output_hidden_states=True)
-        got = fused(pixel_values=x, output_hidden_states=True)
-    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
-    for name in ("hidden_states", "stage_hidden_states"):
-        for g, e in zip(got[name], expected[name]):
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    for x in (torch.randn(1, 3, 48, 80), torch.randn(2, 3, 64, 64)):  # not square; then a new shape: packed again
+        with torch.no_grad():
+            expected = model(pixel_values=x, output_hidden_states=True)
+            got = fused(pixel_values=x, output_hidden_states=True)
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+        for name in ("hidden_states", "stage_hidden_states"):
+            for g, e in zip(got[name], expected[name]):
+                torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        # every conv layer ran as one oneDNN call on its kernel packed for this input (ReLU included)
+        assert all(m._packed is not None for m in fused.modules() if isinstance(m, ConvLayer2D))
+    copy.deepcopy(fused)  # the packed kernels are opaque tensors: a copy drops them and packs again
 
 
 @pytest.fixture(scope="module")
 def scaling_mlp():
     torch.manual_seed(0)
     return hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=10).eval()
+
+
+def test_fused_scaling_mlp_is_the_blocks_by_hand_on_prepacked_weights(scaling_mlp, tmp_path):
+    """fuse(): every Linear on a oneDNN-prepacked weight, each block's GELU inside its first GEMM; the outputs are
+    the float64 computation by hand, the keys and saving are unchanged, and a changed weight is packed again."""
+    fused = copy.deepcopy(scaling_mlp).fuse()
+    x = tiny_inputs("image-classification", scaling_mlp.config, batch_size=5)["pixel_values"]
+
+    def by_hand(model):
+        mlp, state = model.mlp, {k: v.double() for k, v in model.state_dict().items()}
+        h = torch.nn.functional.linear(x.double().flatten(1), state["mlp.linear_in.weight"], state["mlp.linear_in.bias"])
+        for i, norm in enumerate(mlp.layernorms):
+            n = torch.nn.functional.layer_norm(h, h.shape[-1:], state[f"mlp.layernorms.{i}.weight"],
+                                               state[f"mlp.layernorms.{i}.bias"], norm.eps)
+            w = f"mlp.blocks.{i}.block."
+            wide = torch.nn.functional.gelu(n @ state[w + "0.weight"].T + state[w + "0.bias"])
+            h = h + wide @ state[w + "2.weight"].T + state[w + "2.bias"]
+        return h @ state["linear_out.weight"].T + state["linear_out.bias"]
+
+    assert list(fused.state_dict()) == list(scaling_mlp.state_dict())
+    assert all(isinstance(b.block[1], torch.nn.Identity) for b in fused.mlp.blocks)  # GELU moved into the GEMM
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(pixel_values=x).logits.double(), by_hand(scaling_mlp), atol=1e-5, rtol=1e-5)
+    packed = [m for m in fused.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 2 * len(fused.mlp.blocks) + 2 and all(m._packed is not None for m in packed)
+    with torch.no_grad():  # an in-place update (as an optimiser's) must not leave a stale packed copy behind
+        for parameter in fused.parameters():
+            parameter.mul_(-0.5)
+        torch.testing.assert_close(fused(pixel_values=x).logits.double(), by_hand(fused), atol=1e-5, rtol=1e-5)
+    fused.save_pretrained(tmp_path)
+    reloaded = type(fused).from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.state_dict(), fused.state_dict(), atol=0, rtol=0)
 
 
 def test_scaling_mlp_bf16_autocast_stays_within_1e2_of_fp32(scaling_mlp):

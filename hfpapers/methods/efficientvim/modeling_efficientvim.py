@@ -63,8 +63,19 @@ class ConvLayer2D(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(out_dim, eps=eps) if norm else None
         self.act = nn.ReLU() if act else None
+        self.prepack = False  # fuse(), on CPU in float32: run on a kernel prepacked by oneDNN for the input's shape
+        self._packed = None  # (input shape, packed kernel): made on first use, not a parameter, not saved
 
     def forward(self, x):
+        if self.prepack and x.dtype == self.conv.weight.dtype and not torch.compiler.is_compiling():
+            # one oneDNN call with the ReLU inside, on the kernel in the blocked layout oneDNN picked for this input
+            # shape (no per-call weight reorder; the same result as the conv); torch.compile packs its own
+            c = self.conv
+            if self._packed is None or self._packed[0] != x.shape:
+                self._packed = (x.shape, torch.ops.mkldnn._reorder_convolution_weight(
+                    c.weight, c.padding, c.stride, c.dilation, c.groups, list(x.shape)))
+            return torch.ops.mkldnn._convolution_pointwise(x, self._packed[1], c.bias, c.padding, c.stride,
+                                                           c.dilation, c.groups, "relu" if self.act else "none", [], "")
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
@@ -97,6 +108,11 @@ class ConvLayer2D(nn.Module):
         self.conv, self.norm = fused, None
         if self.act is not None:  # at inference the conv's output is fresh: rectify it in place
             self.act = nn.ReLU(inplace=True)
+        cpu_float32 = fused.weight.device.type == "cpu" and fused.weight.dtype == torch.float32
+        self.prepack = cpu_float32 and torch.backends.mkldnn.is_available()
+
+    def __getstate__(self):  # copy / pickle: the packed kernel is opaque to both, and made again on first use
+        return {**super().__getstate__(), "_packed": None}
 
 
 class ConvLayer1D(nn.Module):
@@ -201,6 +217,7 @@ class EfficientViMBlock(GradientCheckpointingLayer):
         self.dwconv2.fuse(scale=gate[2], identity=1 - gate[2])
         self.ffn.fc1.fuse()
         self.ffn.fc2.fuse()
+        self.mixer.dw.fuse()  # nothing to fold: its kernel is prepacked
         self.mixer.channels_last = self.norm.channels_last = True
         # the gates of the HSM-SSD and FFN branches, (2, 1, C, 1, 1); not saved (a fused model is never saved)
         self.register_buffer("fused_gates", gate[[1, 3]].view(2, 1, -1, 1, 1).clone(), persistent=False)
@@ -407,9 +424,9 @@ class EfficientViMPreTrainedModel(PreTrainedModel):
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be floating point, normalised by the image processor; got "
                              f"{pixel_values.dtype} (raw {pixel_values.dtype} pixels are not normalised)")
-        # A NaN or inf anywhere makes the sum non-finite: one reduction, no (batch, C, H, W) masks per call
-        # (skipped while torch.compile traces: a data-dependent branch would break the graph).
-        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values.sum(dtype=torch.float64)):
+        # A NaN makes both extremes NaN, an inf is one of them: one pass, no (batch, C, H, W) mask or float64 copy
+        # per call (skipped while torch.compile traces: a data-dependent branch would break the graph).
+        if not torch.compiler.is_compiling() and not torch.isfinite(torch.stack(torch.aminmax(pixel_values))).all():
             raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
         return pixel_values.to(self.dtype)
 

@@ -8,6 +8,7 @@ blocks. Module and parameter names follow the official code (`linear_in`, `block
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -31,6 +32,37 @@ class BottleneckBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.block(hidden_states)
+
+
+class PackedLinear(nn.Linear):
+    """A Linear and the activation after it (`"gelu"`, exact, or `"none"`) as one oneDNN call on a prepacked weight:
+    the CPU inference path of `fuse()`. It shares the Linear's parameters (same keys; training and saving are
+    unchanged); the packed copy is made on first use and again whenever the weight changes (its version counter).
+    Outside float32 CPU inference (autograd, autocast, torch.compile, another device) it is the plain Linear."""
+
+    def __init__(self, linear: nn.Linear, activation: str):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias, self.activation = linear.weight, linear.bias, activation
+        self._packed = None  # (weight storage, version, packed weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packable(x):
+            weight = self.weight
+            key = (weight.data_ptr(), weight._version)
+            if self._packed is None or self._packed[:2] != key:
+                self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[2], self.bias, self.activation, [], "none")
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y) if self.activation == "gelu" else y
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and not needs_grad
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and torch.backends.mkldnn.is_available())
+
+    def __getstate__(self):  # copy / pickle: the packed weight is opaque to both, and made again on first use
+        return {**super().__getstate__(), "_packed": None}
 
 
 def _make_norm(config: ScalingMLPConfig) -> nn.Module:
@@ -59,6 +91,20 @@ class ScalingMLPPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def fuse(self):
+        """CPU inference in float32 on oneDNN's prepacked weights, each block's GELU computed inside its first GEMM
+        (`PackedLinear`): the same outputs to float rounding, the same parameters and keys (the model still trains
+        and saves as before). Returns the model."""
+        if self.config.hidden_act == "gelu":
+            for block in [m for m in self.modules() if isinstance(m, BottleneckBlock)]:
+                if type(block.block[0]) is nn.Linear:
+                    block.block[0], block.block[1] = PackedLinear(block.block[0], "gelu"), nn.Identity()
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, PackedLinear(child, "none"))
+        return self
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The normalised image batch, in the model's dtype (float pixels are cast, as transformers' ViT does)."""
         c = self.config
@@ -75,9 +121,9 @@ class ScalingMLPPreTrainedModel(PreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values is an empty batch, shape {tuple(pixel_values.shape)}; "
                              "pass at least one image")
-        # A NaN or inf anywhere makes the sum non-finite: one reduction, no (batch, C, H, W) masks per call
-        # (skipped while torch.compile traces: a data-dependent branch would break the graph).
-        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values.sum(dtype=torch.float64)):
+        # A NaN makes both extremes NaN, an inf is one of them: one pass, no (batch, C, H, W) mask or float64 copy
+        # per call (skipped while torch.compile traces: a data-dependent branch would break the graph).
+        if not torch.compiler.is_compiling() and not torch.isfinite(torch.stack(torch.aminmax(pixel_values))).all():
             raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
         return pixel_values.to(self.dtype)
 
