@@ -272,7 +272,9 @@ class CroCoPreTrainedModel(PreTrainedModel):
             if x.shape[2] % p or x.shape[3] % p:
                 raise ValueError(f"{name} is {x.shape[2]}x{x.shape[3]}; height and width must be multiples of "
                                  f"patch_size={p} (resize with the model's image processor)")
-            if not torch.isfinite(x).all():
+            # NaN makes both extremes NaN, an inf is one of them: one pass, no mask (skipped while torch.compile
+            # traces: a data-dependent branch would break the graph)
+            if not torch.compiler.is_compiling() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():
                 raise ValueError(f"{name} contain NaN or infinite values; expected finite, normalised pixels")
         if len(views) == 2 and pixel_values.shape != reference_pixel_values.shape:
             raise ValueError(f"the two views must be the same size and batch: pixel_values {tuple(pixel_values.shape)}"
@@ -387,7 +389,7 @@ class CroCoForPretraining(CroCoPreTrainedModel):
             raise ValueError(f"mask must be a bool tensor (batch, patches) = ({batch}, {num_patches}), True where "
                              f"view 1 is masked; got {got}" + (f" of {mask.dtype}" if torch.is_tensor(mask) else ""))
         counts = mask.sum(1)
-        if not (counts == counts[0]).all() or counts[0] in (0, num_patches):
+        if not torch.compiler.is_compiling() and (not (counts == counts[0]).all() or counts[0] in (0, num_patches)):
             raise ValueError(f"mask must mask the same number of patches in every image, at least one and not all; "
                              f"got counts {counts.tolist()} of {num_patches}")
         return mask.to(device)

@@ -307,7 +307,7 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden or not inputs_embeds.is_floating_point():
                 raise ValueError(f"inputs_embeds must be float (batch, sequence, {hidden}), got "
                                  f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
-            if not torch.isfinite(inputs_embeds).all():
+            if not torch.compiler.is_compiling() and not torch.isfinite(inputs_embeds).all():
                 raise ValueError("inputs_embeds contain NaN or inf")
             shape = tuple(inputs_embeds.shape[:2])
         if shape[0] == 0 or shape[1] == 0:
@@ -333,10 +333,11 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        if (attention_mask.sum(-1) == 0).any():
-            raise ValueError("every row needs at least one real token (attention_mask all zero in some row)")
-        if attention_mask.shape[1] > 1 and (attention_mask[:, -1] == 0).any():
-            raise ValueError("inputs must be left-padded: the last position of every row is its EOS token")
+        if not torch.compiler.is_compiling():  # data-dependent: a torch.compile trace skips them (no graph break)
+            if (attention_mask.sum(-1) == 0).any():
+                raise ValueError("every row needs at least one real token (attention_mask all zero in some row)")
+            if attention_mask.shape[1] > 1 and (attention_mask[:, -1] == 0).any():
+                raise ValueError("inputs must be left-padded: the last position of every row is its EOS token")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
