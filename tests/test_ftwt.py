@@ -319,3 +319,29 @@ def test_reproduction_static_pruning_keeps_the_largest_l1_filters_and_matches_fl
     with torch.no_grad():
         out = model(probe)
     assert all(torch.equal(m[0], m[1]) for m in out.masks)  # static: the same filters for every image
+
+
+def test_mask_hamming_is_the_mean_over_image_pairs_of_the_share_of_differing_filters():
+    reproduce = _reproduction()
+    masks = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.float32)
+    # pairs (0,1) 2/3, (0,2) 1/3, (0,3) 0, (1,2) 1, (1,3) 2/3, (2,3) 1/3: mean 3/6
+    assert reproduce.mean_pairwise_hamming(masks) == pytest.approx(0.5)
+    assert reproduce.mean_pairwise_hamming(masks[[0, 3]]) == 0
+
+
+def test_reproduction_fine_tunes_ftwt_masked_from_the_first_step_as_long_as_static(tmp_path):
+    """One seeded miniature of the reproduction: both arms run masked from their first epoch (the official code
+    trains FTWT gated from the pretrained baseline, with no dense warm-up), on the same schedule, at matched FLOPs."""
+    reproduce = _reproduction()
+    ftwt, static = reproduce.ARMS["ftwt"], reproduce.ARMS["static"]
+    assert FTWTRecipe(**ftwt).callbacks() == [] and FTWTRecipe(**ftwt).cooldown == 0.5
+    # the arms differ only in what concerns the predictors: epochs, rates and steps are shared
+    assert set(ftwt) | set(static) <= {"dense_epochs", "cooldown", "mask_loss_weight", "mask_learning_rate"}
+    result = reproduce.run(tmp_path, seed=0, thresholds=(0.8,), base_epochs=2, finetune_epochs=2,
+                           num_train=256, num_test=64, log=lambda *_: None)
+    arm = result["arms"][0]
+    assert min(arm["first_epoch_reductions"]) > 0.05
+    assert arm["static_reduction"] == pytest.approx(arm["ftwt_reduction"], abs=0.05)
+    diversity = arm["mask_diversity"]
+    assert 0 < diversity["target_hamming"] <= 0.5 and 0 <= diversity["predicted_hamming"] <= 0.5
+    assert diversity["agreement"] <= 1 and 0.5 <= diversity["constant_agreement"] <= 1
