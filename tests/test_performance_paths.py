@@ -1,9 +1,10 @@
 """The fast paths of issue 22 against independent computations: the sliced LION update, the channels-last fused
 EfficientViM, and the bf16 inference paths of the GEMM-bound models (relative L2 error <= 1e-2 against fp32).
 
-Speed is measured in evaluation/benchmarks/ (side_by_side.py, compile_bf16.py), never here. So is torch.compile:
+Speed is measured in evaluation/benchmarks/ (side_by_side.py, compile_bf16.py), never here. So is inductor:
 compile_bf16.py compiles every model class (fullgraph where the model allows) and compares it with eager; at 3-6
-minutes per class on a busy 2-core machine that is too slow for the suite.
+minutes per class on a busy 2-core machine that is too slow for the suite. Here a fullgraph trace with the eager
+backend (seconds) checks that nothing breaks the graph.
 """
 
 import copy
@@ -86,6 +87,21 @@ def test_fused_efficientvim_runs_channels_last_and_keeps_every_output():
         # every conv layer ran as one oneDNN call on its kernel packed for this input (ReLU included)
         assert all(m._packed is not None for m in fused.modules() if isinstance(m, ConvLayer2D))
     copy.deepcopy(fused)  # the packed kernels are opaque tensors: a copy drops them and packs again
+
+
+@pytest.mark.parametrize(("slug", "head"), [("efficientvim", None), ("scaling-mlp", None), ("croco", "AutoModel")])
+def test_forward_traces_as_one_graph_for_torch_compile(slug, head):
+    """torch.compile(fullgraph=True) applies: dynamo traces the whole forward (value-dependent input checks are
+    skipped while tracing). Traced here with the eager backend; inductor and its speed are in compile_bf16.py."""
+    record = hfpapers.get_method(slug)
+    model = hfpapers.create_model(slug, preset="tiny", head=head).eval()
+    inputs = tiny_inputs(record.task, model.config, batch_size=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        traced = torch.compile(model, fullgraph=True, backend="eager")(**inputs)  # raises on a graph break
+        expected = model(**inputs)
+    torch._dynamo.reset()
+    torch.testing.assert_close(traced[0], expected[0], atol=0, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """torch.compile for every model class, and the bf16 inference path of the GEMM-bound models, against eager fp32.
 
-Part 1, compile (skipped with `--no-compile`): every model class of every registered method of kind "model", at
-its tiny preset, on `hfpapers.testing.tiny.tiny_inputs`: `torch.compile(model, fullgraph=True)`; where the graph
-breaks, the first line of the reason is printed and the model is compiled without fullgraph. Then the compiled
+Part 1, compile (skipped with `--no-compile`): every model class of every registered method of kind "model" or
+"diffusers", at its tiny preset, on `hfpapers.testing.tiny.tiny_inputs` (LayerDiffuse's TransparentVAE: random
+RGBA, 64 px): `torch.compile(model, fullgraph=True)`; where the graph breaks, the reason's first line and the line
+of our code that broke it are printed, and the model is compiled without fullgraph. Then the compiled
 forward against eager: the largest absolute difference of the first output, and the speed ratio (interleaved
 medians). Compiling takes about a minute per class on an idle 2-core machine (several under load).
 
@@ -22,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import time
 
 import torch
@@ -34,7 +36,7 @@ from hfpapers.testing.tiny import tiny_inputs
 def first_output(outputs) -> torch.Tensor:
     if torch.is_tensor(outputs):
         return outputs
-    for name in ("logits", "embeddings", "last_hidden_state", "predicted_depth"):
+    for name in ("logits", "embeddings", "last_hidden_state", "predicted_depth", "rgba"):
         if name in outputs:
             return outputs[name]
     return outputs[0]
@@ -43,7 +45,10 @@ def first_output(outputs) -> torch.Tensor:
 def compile_row(record, auto_name: str, args, clock) -> dict:
     torch.manual_seed(0)
     model = hfpapers.create_model(record.slug, preset="tiny", head=auto_name).eval()
-    inputs = tiny_inputs(record.task, model.config, batch_size=2)
+    if record.kind == "diffusers":  # the TransparentVAE: straight RGBA in [0, 1]
+        inputs = {"rgba": torch.rand(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))}
+    else:
+        inputs = tiny_inputs(record.task, model.config, batch_size=2)
     row = {"method": record.slug, "class": type(model).__name__, "fullgraph": True, "graph_break": ""}
     with torch.inference_mode():
         eager = first_output(model(**inputs))
@@ -53,7 +58,9 @@ def compile_row(record, auto_name: str, args, clock) -> dict:
             out = first_output(compiled(**inputs))
         except Exception as error:  # a graph break under fullgraph: say why, then compile with breaks
             torch._dynamo.reset()
-            row["fullgraph"], row["graph_break"] = False, str(error).strip().splitlines()[0][:160]
+            ours = re.findall(r'File "[^"]*/(hfpapers/[^"]+)", line (\d+)', str(error))
+            where = f" at {ours[-1][0]}:{ours[-1][1]}" if ours else ""
+            row["fullgraph"], row["graph_break"] = False, str(error).strip().splitlines()[0][:160] + where
             compiled = torch.compile(model)
             out = first_output(compiled(**inputs))
         row["compile_s"] = time.perf_counter() - started
@@ -120,7 +127,7 @@ def main() -> None:
     with MachineLoad() as load:
         if not args.no_compile:
             for record in hfpapers.list_methods():
-                if record.kind != "model" or (args.methods and record.slug not in args.methods):
+                if record.kind not in ("model", "diffusers") or (args.methods and record.slug not in args.methods):
                     continue
                 for auto_name in record.model_classes:
                     compiled_rows.append(compile_row(record, auto_name, args, clock))

@@ -298,7 +298,8 @@ class LLMEmbeddingModel(LLMEmbeddingPreTrainedModel):
                 raise ValueError(f"input_ids must be integer token ids (batch, sequence), got {input_ids.dtype} "
                                  f"{tuple(input_ids.shape)}")
             vocab = self.get_input_embeddings().num_embeddings
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            checked = input_ids.numel() and not torch.compiler.is_compiling()  # a trace skips this data-dependent check
+            if checked and (input_ids.min() < 0 or input_ids.max() >= vocab):
                 raise ValueError(f"token ids must lie in [0, {vocab}), got {int(input_ids.min())}.."
                                  f"{int(input_ids.max())}")
             shape = tuple(input_ids.shape)
