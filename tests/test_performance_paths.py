@@ -89,7 +89,8 @@ def test_fused_efficientvim_runs_channels_last_and_keeps_every_output():
     copy.deepcopy(fused)  # the packed kernels are opaque tensors: a copy drops them and packs again
 
 
-@pytest.mark.parametrize(("slug", "head"), [("efficientvim", None), ("scaling-mlp", None), ("croco", "AutoModel")])
+@pytest.mark.parametrize(("slug", "head"), [("efficientvim", None), ("scaling-mlp", None), ("croco", "AutoModel"),
+                                          ("ftwt", None)])
 def test_forward_traces_as_one_graph_for_torch_compile(slug, head):
     """torch.compile(fullgraph=True) applies: dynamo traces the whole forward (value-dependent input checks are
     skipped while tracing). Traced here with the eager backend; inductor and its speed are in compile_bf16.py."""

@@ -236,7 +236,9 @@ class FTWTPreTrainedModel(PreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values is an empty batch, shape {tuple(pixel_values.shape)}; pass at least one "
                              "image")
-        if not torch.isfinite(pixel_values).all():
+        # NaN makes both extremes NaN, an inf is one of them: one pass, no mask (skipped while torch.compile traces:
+        # a data-dependent branch would break the graph)
+        if not torch.compiler.is_compiling() and not torch.isfinite(torch.stack(torch.aminmax(pixel_values))).all():
             raise ValueError("pixel_values contain NaN or infinite values; expected finite, normalised pixels")
         return pixel_values.to(self.dtype)
 
