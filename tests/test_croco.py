@@ -261,6 +261,39 @@ def test_a_local_dataset_of_image_pairs_trains_through_column_mapping(tmp_path):
         load(str(tmp_path), required=recipe.columns, columns={"image": "left"})
 
 
+def test_optimizer_decays_matrices_but_not_biases_or_layer_norms(model):
+    """As the official `get_parameter_groups`: weight decay on linear and convolution weights and the mask token,
+    none on biases and LayerNorm weights."""
+    from types import SimpleNamespace
+
+    from hfpapers.methods.croco.recipe import CroCoRecipe
+
+    optimizer = CroCoRecipe().build_optimizer(model, SimpleNamespace(learning_rate=1e-3, weight_decay=0.05))
+    decay = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0.05 for p in group["params"]}
+    exempt = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0.0 for p in group["params"]}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            expected = exempt if isinstance(module, torch.nn.LayerNorm) or name == "bias" else decay
+            assert id(param) in expected, f"{module_name}.{name}"
+    assert len(decay) + len(exempt) == len(list(model.parameters())) and id(model.mask_token) in decay
+
+
+def test_single_view_arm_sees_nothing_of_the_reference(model):
+    """The MAE arm of the reproduction: whatever view 2 is, its loss is the model's with a blank reference (zeros:
+    the dataset mean), whose encoded tokens are all identical, so cross-attention carries no position or content."""
+    from hfpapers.methods.croco.experiments import SingleViewRecipe
+
+    image, first, second = torch.randn(3, 2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        losses = [SingleViewRecipe().eval_outputs(model, {"pixel_values": image, "reference_pixel_values": view})
+                  ["loss"] for view in (first, second)]
+        blank = model(image, torch.zeros_like(image)).loss
+        memory = model.croco.encode(torch.zeros(1, 3, 32, 32))[0][0]
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    assert losses[0].mean().item() == pytest.approx(blank.item(), rel=1e-5)
+    torch.testing.assert_close(memory, memory[:1].expand_as(memory), atol=1e-5, rtol=0)  # float rounding only
+
+
 def test_seeded_small_reproduction_cross_view_completion_beats_single_view(tmp_path):
     """evaluation/reproduce/croco.py in miniature: 16 steps each, same masks; the second view clearly helps
     (measured: 0.74 vs 0.97 normalised-patch loss)."""

@@ -1,9 +1,10 @@
 """The training recipes of CroCo: cross-view completion pre-training (pretrain.py of the official code) and the
 dense head fine-tuned on relative depth from the pre-trained network.
 
-Pre-training: AdamW (betas 0.9, 0.95, weight decay 0.05), a cosine schedule after a linear warm-up, pairs of views
-normalised with the ImageNet mean and std; the loss is the normalised-patch MSE over the 90 % masked patches of
-view 1. Evaluation uses one seeded mask for every pair (`eval_mask_seed`), so its loss is deterministic.
+Pre-training: AdamW (betas 0.9, 0.95, weight decay 0.05 except on biases and LayerNorm weights), a cosine schedule
+after a linear warm-up, pairs of views normalised with the ImageNet mean and std; the loss is the normalised-patch
+MSE over the 90 % masked patches of view 1. Evaluation uses one seeded mask for every pair (`eval_mask_seed`), so
+its loss is deterministic.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ class CroCoRecipe(Recipe):
                              reference_pixel_values=_pixels(processor, dataset["reference"]))
 
     def build_optimizer(self, model, args):
-        return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=self.betas,
-                                 weight_decay=args.weight_decay)
+        # the official `get_parameter_groups` (timm's rule): no decay for biases and LayerNorm weights
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=self.betas)
 
     def compute_loss(self, model, batch, step_rng, state):
         return model(**batch, generator=step_rng).loss
