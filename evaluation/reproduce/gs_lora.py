@@ -37,6 +37,7 @@ class Setting:
     num_test: int = 2000
     base_epochs: int = 30
     base_learning_rate: float = 1e-3
+    base_batch_size: int = 128
     base_warmup_steps: int = 300
     tasks: tuple = ((8, 9), (6, 7), (4, 5))
     few_shot: int = 16
@@ -68,7 +69,7 @@ def train_base(s: Setting, data, out: Path):
     processor = ViTImageProcessorPil(size={"height": s.resolution, "width": s.resolution},
                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
     args = TrainingArguments(output_dir=str(out), num_epochs=s.base_epochs, learning_rate=s.base_learning_rate,
-                             per_device_train_batch_size=128, weight_decay=0.05, lr_scheduler="cosine",
+                             per_device_train_batch_size=s.base_batch_size, weight_decay=0.05, lr_scheduler="cosine",
                              warmup_steps=s.base_warmup_steps, progress_bar=False, overwrite_output_dir=True)
     result = fit(model, data, ImageClassificationRecipe(), args, processor)
     return model, processor, result.eval_metrics["accuracy"]
