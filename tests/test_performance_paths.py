@@ -18,8 +18,8 @@ from hfpapers.methods.scaling_mlp import recipe
 from hfpapers.methods.scaling_mlp.modeling_scaling_mlp import PackedLinear
 from hfpapers.testing.tiny import tiny_inputs
 
-# bf16 keeps 8 significant bits. The issue's bound, 1e-2 relative to fp32, holds for the GEMM-bound Scaling MLP
-# and pooler (relative L2 error); the deep conv stack of the LayerDiffuse decoder drifts to 1.8e-2 (its bound here).
+# bf16 keeps 8 significant bits. The issue's bound, 1e-2 relative to fp32 (relative L2 error), holds for the
+# GEMM-bound Scaling MLP and pooler under autocast, and for the LayerDiffuse decoder's bf16 path.
 BF16_RELATIVE_L2_ERROR = 1e-2
 
 
@@ -166,13 +166,28 @@ def test_embedding_pooler_bf16_autocast_stays_within_1e2_of_fp32():
     assert_close_to_fp32(got, expected)
 
 
-def test_layerdiffusion_decoder_bf16_autocast_stays_within_1e2_of_fp32():
+def test_layerdiffusion_decoder_bf16_path_stays_within_1e2_of_fp32():
+    """The released architecture (random weights, 64 px): under autocast its two highest-resolution levels and its
+    input and output convolutions compute in float32, the rest in bf16. All in bf16 (autocast alone) it was 1.3e-2
+    off here (2.3e-2 at 512 px)."""
+    from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import TransparentVAEDecoder
+
     torch.manual_seed(0)
-    decoder = hfpapers.create_model("layerdiffusion", "tiny").eval().transparent_decoder
+    decoder = TransparentVAEDecoder().eval()
     generator = torch.Generator().manual_seed(0)
     pixel, latent = torch.rand(1, 3, 64, 64, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
     with torch.no_grad():
+        decoder.latent_conv_in.weight.normal_(0, 0.1, generator=generator)  # the latent's path in use
         expected = decoder.estimate(pixel, latent)
+        dtypes = {}
+        for name in ("conv_in", "down_blocks.1.downsamplers.0.conv", "down_blocks.2.resnets.0.conv1",
+                     "up_blocks.4.resnets.0.conv1", "up_blocks.5.resnets.0.conv1", "conv_out"):
+            decoder.get_submodule(name).register_forward_hook(
+                lambda module, args, output, name=name: dtypes.update({name: output.dtype}))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = decoder.estimate(pixel, latent)
-    assert_close_to_fp32(got, expected, bound=2.5e-2)
+    assert dtypes == {"conv_in": torch.float32, "down_blocks.1.downsamplers.0.conv": torch.float32,
+                      "down_blocks.2.resnets.0.conv1": torch.bfloat16, "up_blocks.4.resnets.0.conv1": torch.bfloat16,
+                      "up_blocks.5.resnets.0.conv1": torch.float32, "conv_out": torch.float32}
+    assert got.dtype == torch.float32
+    assert_close_to_fp32(got, expected)

@@ -8,10 +8,12 @@ forward against eager: the largest absolute difference of the first output, and 
 medians). Compiling takes about a minute per class on an idle 2-core machine (several under load).
 
 Part 2, bf16 (skipped with `--no-bf16`): fp32 eager against `torch.autocast("cpu", torch.bfloat16)` (bf16 GEMMs
-and convs; norms, softmax and the residual streams stay fp32) for the GEMM-bound models at their paper sizes:
-Scaling MLP B_12-Wi_1024 (batch 64), the embedding pooler (the paper's 768 latents, 32 x 2048 heads, GEGLU x4, at
-Qwen2-0.5B's width 896, 24 states in, batch 1) and the LayerDiffuse transparent decoder (one pass, `--size`
-pixels). Relative error = ||bf16 - fp32|| / ||fp32|| (and the largest element's error over the largest |fp32|).
+and convs; the other ops keep their input's dtype, so a transformer's fp32 residual stream and the norms on it stay
+fp32) for the GEMM-bound models at their paper sizes: Scaling MLP B_12-Wi_1024 (batch 64), the embedding pooler
+(the paper's 768 latents, 32 x 2048 heads, GEGLU x4, at Qwen2-0.5B's width 896, 24 states in, batch 1) and the
+LayerDiffuse transparent decoder (one pass, `--size` pixels; under autocast its bf16 path keeps its two
+highest-resolution levels in fp32, `FULL_PRECISION_LEVELS`). Relative error = ||bf16 - fp32|| / ||fp32|| (and the
+largest element's error over the largest |fp32|).
 
     python evaluation/benchmarks/compile_bf16.py [--methods scaling-mlp efficientvim] [--no-compile] [--no-bf16]
         [--threads 2] [--clock wall|cpu] [--repeats 5] [--size 512] [--json out.json]

@@ -13,11 +13,14 @@ timed in the same run) that the FLOPs of our fastest fp32 variant reach.
         scaling-mlp=/tmp/scaling_mlps [--methods efficientvim] [--presets M1 M4] [--threads 2] [--repeats 7]
         [--warmup 2] [--compile] [--json out.json]
 
-A bare `--official PATH` is accepted when `--methods` names one method. Adding a method: write a function that
-takes (repository path, args) and yields `Row`s, decorate it with `@official_adapter("<slug>")`; see the two below.
+A bare `--official PATH` is accepted when `--methods` names one method. Official code published on PyPI
+(TrAct's torch-tract) can be given as `--official tract=pip`: the installed package is imported. Adding a method:
+write a function that takes (repository path, args) and yields `Row`s, decorate it with
+`@official_adapter("<slug>")`; see the ones below.
 What the official repositories need: EfficientViM imports timm (its reparameterised model is timed too when timm
 is importable); both import a package only for FLOP counting or downloads (fvcore, progressbar), replaced by an
-empty module when missing.
+empty module when missing. CroCo (naver/croco) needs only torch and numpy; without its compiled CUDA kernel it
+warns and runs RoPE through its PyTorch fallback, which is what it is timed with on a CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import hfpapers
 from hfpapers.testing.benchmark import MATMUL_SIZE, MachineLoad, count_flops, interleaved_medians, matmul_gflops
 
 OFFICIAL = "official"
+INSTALLED = Path("pip")  # `--official SLUG=pip`: the official package installed by pip, not a clone
 
 
 @dataclass
@@ -70,10 +74,20 @@ def official_adapter(slug: str):
     return register
 
 
-def import_official(repository: Path, subdirectory: str, module: str, optional: Mapping | None = None):
+def import_official(repository: Path, subdirectory: str, module: str, optional: Mapping | None = None,
+                    installed: str | None = None):
     """Import `module` from `repository/subdirectory` (prepended to sys.path). The modules in `optional` (name ->
     the names imported from it), which the official code needs only for FLOP counting or downloads, become
-    placeholders holding None when they are not installed."""
+    placeholders holding None when they are not installed. Official code published on PyPI names its installed
+    package in `installed`: with `--official SLUG=pip` (`repository` is INSTALLED) that package is imported."""
+    if repository == INSTALLED:
+        if installed is None:
+            raise ValueError(f"{module!r} is not on PyPI: pass --official with the root of a clone, not {INSTALLED}")
+        try:
+            return importlib.import_module(installed)
+        except ImportError as error:
+            raise ImportError(f"--official ...={INSTALLED} imports the installed package {installed!r}: {error}") \
+                from error
     root = repository / subdirectory
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist: pass the root of a clone of the official repository")
@@ -112,7 +126,7 @@ def max_abs_diff(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile of an inference copy, with inductor's freezing (weights as constants: prepacked for oneDNN)."""
     torch._inductor.config.freezing = True
-    return torch.compile(model, fullgraph=True)
+    return torch.compile(model, fullgraph=True, dynamic=False)  # each preset its own static graph
 
 
 # --- EfficientViM ---------------------------------------------------------------------------------------------------
@@ -157,7 +171,7 @@ def efficientvim_rows(repository: Path, args) -> Iterator[Row]:
             variants["ours fused, compiled"] = lambda: fast(pixel_values=x).logits
         with torch.inference_mode():
             diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
-            flops = count_flops(lambda: fused(pixel_values=x))
+            flops = count_flops(lambda: ours(pixel_values=x))  # the fused convs' oneDNN calls are not counted
         yield Row(f"{preset} forward, {size}px, batch {batch}", batch, variants, diffs, flops,
                   goal="ours fused >= 1.3x official, > timm reparameterised")
 
@@ -167,9 +181,9 @@ def efficientvim_rows(repository: Path, args) -> Iterator[Row]:
 
 @official_adapter("scaling-mlp")
 def scaling_mlp_rows(repository: Path, args) -> Iterator[Row]:
-    """The official BottleneckMLP against ours: forward (eval, inference_mode; also bf16 autocast, and compiled
-    with --compile), and a train step: forward, cross-entropy, backward, LION step, zero_grad; the official loop
-    (train.py: its model and its Lion) against ours (our model and ScalingMLPRecipe's optimiser)."""
+    """The official BottleneckMLP against ours: forward (eval, inference_mode; also `fuse()`d, under bf16 autocast,
+    and compiled with --compile), and a train step: forward, cross-entropy, backward, LION step, zero_grad; the
+    official loop (train.py: its model and its Lion) against ours (our model and ScalingMLPRecipe's optimiser)."""
     from hfpapers.methods.scaling_mlp.convert_scaling_mlp import convert_state_dict
     from hfpapers.methods.scaling_mlp.recipe import ScalingMLPRecipe
 
@@ -189,7 +203,9 @@ def scaling_mlp_rows(repository: Path, args) -> Iterator[Row]:
         labels = torch.randint(c.num_labels, (batch,), generator=generator)
         flat = x.flatten(1)
 
+        fused = copy.deepcopy(ours).fuse()  # prepacked oneDNN weights, GELU inside the GEMM
         variants = {OFFICIAL: lambda: official(flat), "ours": lambda: ours(pixel_values=x).logits,
+                    "ours fused": lambda: fused(pixel_values=x).logits,
                     "ours bf16 autocast": lambda: _bf16(lambda: ours(pixel_values=x).logits)}
         if args.compile:
             fast = compiled(copy.deepcopy(ours))
@@ -198,7 +214,7 @@ def scaling_mlp_rows(repository: Path, args) -> Iterator[Row]:
             diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
             flops = count_flops(lambda: ours(pixel_values=x))
         yield Row(f"{preset} forward, batch {batch}", batch, variants, diffs, flops,
-                  goal="ours >= 0.70 of the matmul rate")
+                  goal="ours fused >= 0.70 of the matmul rate")
 
         # Train steps from the same weights: the official loop (train.py's order) and ours.
         official.train(), ours.train()
@@ -232,6 +248,127 @@ def scaling_mlp_rows(repository: Path, args) -> Iterator[Row]:
 def _bf16(fn):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return fn()
+
+
+# --- CroCo ------------------------------------------------------------------------------------------------------------
+
+
+class _FixedMask(torch.nn.Module):
+    """Stands in for the official `RandomMask`: the same mask every call, so both models reconstruct one mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return self.mask
+
+
+@official_adapter("croco")
+def croco_rows(repository: Path, args) -> Iterator[Row]:
+    """Pair forward (eval, inference_mode) of the official `CroCoNet` against our `CroCoForPretraining`, items =
+    pairs: the same random weights (converted with `convert_croco`), the same pair batch and the same mask. Without
+    its compiled CUDA kernel the official code runs RoPE through its PyTorch fallback, which rebuilds the rotary
+    tables in every attention call; ours builds them once per forward and attends through SDPA."""
+    from hfpapers.methods.croco.convert_croco import KWARGS, convert_state_dict
+    from hfpapers.methods.croco.modeling_croco import random_mask
+
+    croco_net = import_official(repository, ".", "models.croco").CroCoNet
+    batch = args.batch_size or 4
+    for preset in presets_for("croco", args, ("croco-v1", "croco-v2-vitb-small")):
+        ours = hfpapers.create_model("croco", preset=preset, head="AutoModelForPreTraining").eval()
+        c = ours.config
+        positions = "cosine" if c.position_embedding == "cosine" else f"RoPE{c.rope_base:g}"
+        torch.manual_seed(0)
+        official = croco_net(pos_embed=positions, **{theirs: getattr(c, name) for theirs, name in KWARGS.items()})
+        official.eval()
+        ours.load_state_dict(convert_state_dict(official.state_dict(), c))
+        n = official.patch_embed.num_patches
+        mask = random_mask(batch, n, int(c.mask_ratio * n), torch.Generator().manual_seed(0))
+        official.mask_generator = _FixedMask(mask)
+        generator = torch.Generator().manual_seed(1)
+        image, reference = torch.randn(2, batch, 3, c.image_size, c.image_size, generator=generator)
+        variants = {OFFICIAL: lambda: official(image, reference)[0],
+                    "ours": lambda: ours(image, reference, mask=mask).logits}
+        with torch.inference_mode():
+            diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            flops = count_flops(lambda: ours(image, reference, mask=mask))
+        yield Row(f"{preset} ({positions}) pair forward, {c.image_size}px, batch {batch} pairs", batch, variants,
+                  diffs, flops, goal="ours faster than official; RoPE without the official fallback's penalty")
+
+
+# --- TrAct ------------------------------------------------------------------------------------------------------------
+
+
+def _tract_models(batch: int) -> dict[str, tuple[str, torch.nn.Module, str, torch.Tensor]]:
+    """--presets key -> (row name, model, its first layer's name, pixel batch); random weights."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    resnet = ResNetForImageClassification(ResNetConfig(embedding_size=64, hidden_sizes=[64, 128], depths=[1, 1],
+                                                       layer_type="basic", num_labels=10,
+                                                       downsample_in_first_stage=False))
+    # The CIFAR variant of ResNet-18's stem (3x3, stride 1, no max-pool), as in the paper's CIFAR runs.
+    resnet.resnet.embedder.embedder.convolution = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    resnet.resnet.embedder.pooler = torch.nn.Identity()
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=4,
+                                              num_attention_heads=3, intermediate_size=384, num_labels=10))
+    mlp = hfpapers.create_model("scaling-mlp", preset="tiny", num_labels=10)
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "resnet": ("ResNet, CIFAR stem 3x3 (n = 27), 32px", resnet, "resnet.embedder.embedder.convolution",
+                   torch.randn(batch, 3, 32, 32, generator=generator)),
+        "vit": ("ViT, 4x4 patches (n = 48), 32px", vit, "vit.embeddings.patch_embeddings.projection",
+                torch.randn(batch, 3, 32, 32, generator=generator)),
+        "scaling-mlp": ("Scaling MLP tiny, Linear on pixels (n = 768), 16px", mlp, "mlp.linear_in",
+                        torch.randn(batch, 3, 16, 16, generator=generator)),
+    }
+
+
+def _sgd_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixel_values=pixels, labels=labels).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@official_adapter("tract")
+def tract_rows(repository: Path, args) -> Iterator[Row]:
+    """The cost of a TrAct train step (forward with labels, loss, backward, SGD step), l = 0.1: the official
+    `TrAct` wrapper (torch-tract) on the first layer, the plain step without TrAct, and ours (`apply_tract`), on
+    copies of one model (same weights, same batch). Models (`--presets resnet vit scaling-mlp`, default all): a
+    ResNet with the CIFAR stem (the paper's ResNet-18 setting), a ViT with 4x4 patches, and the zoo's tiny Scaling
+    MLP (n > batch: the Woodbury form). The difference column: the largest parameter difference between ours and
+    the official after 3 steps from the same weights."""
+    from hfpapers.methods.tract import apply_tract
+
+    # The clone's src/ is the package that pip installs as torch_tract (setup.py's package_dir).
+    official_tract = import_official(repository, ".", "src", installed="torch_tract")
+    batch = args.batch_size or 128
+    for key, (name, plain, layer, pixels) in _tract_models(batch).items():
+        if args.presets and key not in args.presets:
+            continue
+        labels = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+        official = copy.deepcopy(plain)
+        owner, _, attribute = layer.rpartition(".")
+        setattr(official.get_submodule(owner), attribute,
+                official_tract.TrAct(official.get_submodule(layer), l=0.1))  # keeps the weight's name
+        ours = copy.deepcopy(plain)
+        apply_tract(ours, 0.1, layer=layer)
+        steps = {OFFICIAL: _sgd_step(official, pixels, labels), "plain (no TrAct)": _sgd_step(plain, pixels, labels),
+                 "ours": _sgd_step(ours, pixels, labels)}
+        before = copy.deepcopy(plain.state_dict())
+        for _ in range(3):
+            steps[OFFICIAL](), steps["ours"]()
+        reference = official.state_dict()
+        diff = max((v - reference[k]).abs().max().item() for k, v in ours.state_dict().items())
+        official.load_state_dict(before), ours.load_state_dict(before)
+        yield Row(f"{name} train step (SGD), batch {batch}", batch, steps, {"ours": diff},
+                  goal="ours step <= torch-tract's step")
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
@@ -276,10 +413,13 @@ def method_table(rows: list[Row], peak: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", nargs="+", required=True, metavar="SLUG=PATH",
-                        help="clone of each official repository (a bare PATH with a single --methods)")
+                        help="clone of each official repository (a bare PATH with a single --methods); "
+                             "pip: the installed package, where the official code is on PyPI")
     parser.add_argument("--methods", nargs="+", help="method slugs (default: every one given with --official)")
     parser.add_argument("--presets", nargs="+", help="presets (default: each adapter's)")
-    parser.add_argument("--batch-size", type=int, help="default: each adapter's (16 EfficientViM, 64 Scaling MLP)")
+    parser.add_argument("--batch-size", type=int,
+                        help="default: each adapter's (16 EfficientViM, 64 Scaling MLP, 4 CroCo pairs, "
+                             "128 TrAct)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (every variant once per round)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

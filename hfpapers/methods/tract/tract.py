@@ -26,8 +26,8 @@ from torch import nn
 
 from ...engine import Callback
 
-__all__ = ["apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient", "TrActCallback",
-           "SUPPORTED_LAYERS"]
+__all__ = ["apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient", "tract_weight_gradient_from_outputs",
+           "TrActCallback", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -52,11 +52,24 @@ def tract_weight_gradient(grad_weight: torch.Tensor, inputs: torch.Tensor, l: fl
         gram.diagonal(dim1=-2, dim2=-1).add_(l)
         # The system is symmetric positive definite: grad (X^T X/b + l I)^-1 = ((X^T X/b + l I)^-1 grad^T)^T.
         return torch.cholesky_solve(grad_weight.transpose(-1, -2), torch.linalg.cholesky(gram)).transpose(-1, -2)
-    gram = inputs @ inputs.transpose(-1, -2)
-    gram.diagonal(dim1=-2, dim2=-1).add_(b * l)
     projected = grad_weight @ inputs.transpose(-1, -2)  # G^T X X^T: (groups, m, b)
-    correction = torch.cholesky_solve(projected.transpose(-1, -2), torch.linalg.cholesky(gram)).transpose(-1, -2)
+    correction = torch.cholesky_solve(projected.transpose(-1, -2), _woodbury_factor(inputs, l)).transpose(-1, -2)
     return (grad_weight - correction @ inputs) / l
+
+
+def _woodbury_factor(inputs: torch.Tensor, l: float) -> torch.Tensor:
+    """The Cholesky factor of X X^T + b l I_b, the b x b system of the Woodbury form."""
+    gram = inputs @ inputs.transpose(-1, -2)
+    gram.diagonal(dim1=-2, dim2=-1).add_(inputs.shape[-2] * l)
+    return torch.linalg.cholesky(gram)
+
+
+def tract_weight_gradient_from_outputs(grad_outputs: torch.Tensor, inputs: torch.Tensor, l: float) -> torch.Tensor:
+    """Eq. 10 in the Woodbury form from the output gradient G (b, m) and inputs X (b, n), b < n:
+    G^T (X X^T / b + l I_b)^-1 X = b ((X X^T + b l I_b)^-1 G)^T X. One b x m x n product, as the plain G^T X;
+    starting from G^T X instead (`tract_weight_gradient`) costs two more."""
+    solved = torch.cholesky_solve(grad_outputs, _woodbury_factor(inputs, l))
+    return inputs.shape[-2] * solved.transpose(-1, -2) @ inputs
 
 
 def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +112,33 @@ class _TrActWeight(torch.autograd.Function):
             None
 
 
+class _TrActLinear(torch.autograd.Function):
+    """A Linear layer with fewer input rows than features (b < n, the Woodbury form), whose backward computes TrAct's
+    weight gradient from the output gradient directly (`tract_weight_gradient_from_outputs`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, l):
+        ctx.save_for_backward(x, weight)
+        ctx.l = l
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = (grad_output @ weight.to(grad_output.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = rows.sum(0) if ctx.needs_input_grad[2] else None
+        dtype = torch.promote_types(grad_output.dtype, torch.float32)  # solve in float32 at least, as _TrActWeight
+        grad_weight = tract_weight_gradient_from_outputs(rows.to(dtype), x.detach().reshape(-1, x.shape[-1]).to(dtype),
+                                                         ctx.l)
+        return grad_x, grad_weight.to(weight.dtype), grad_bias, None
+
+
 def _linear_forward(self, input):
     if not (torch.is_grad_enabled() and self.weight.requires_grad):
         return F.linear(input, self.weight, self.bias)
+    if input.numel() // input.shape[-1] < input.shape[-1]:  # b < n: from the output gradient, no G^T X first
+        return _TrActLinear.apply(input, self.weight, self.bias, self.tract_l)
     return F.linear(input, _TrActWeight.apply(self.weight, input, self, self.tract_l), self.bias)
 
 
