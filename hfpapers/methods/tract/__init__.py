@@ -62,8 +62,8 @@ RECORD = MethodRecord(
 # Exports load lazily: `import hfpapers` discovers method packages and must not import torch.
 __getattr__ = lazy_exports(__name__, {
     "config": ("TractConfig", "OPTIMIZERS",),
-    "tract": ("apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient", "TrActCallback",
-              "SUPPORTED_LAYERS",),
+    "tract": ("apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient",
+              "tract_weight_gradient_from_outputs", "TrActCallback", "SUPPORTED_LAYERS",),
     "recipe": ("TrActRecipe",),
     "runner": ("TractRunner", "accuracy_curve", "epochs_to_reach", "plot_accuracy",),
 })
