@@ -47,6 +47,7 @@ import hfpapers
 from hfpapers.testing.benchmark import MATMUL_SIZE, MachineLoad, count_flops, interleaved_medians, matmul_gflops
 
 OFFICIAL = "official"
+CODE_HOSTS = ("https://github.com/", "https://gitlab.com/")
 INSTALLED = Path("pip")  # `--official SLUG=pip`: the official package installed by pip, not a clone
 
 
@@ -297,6 +298,39 @@ def croco_rows(repository: Path, args) -> Iterator[Row]:
                   diffs, flops, goal="ours faster than official; RoPE without the official fallback's penalty")
 
 
+# --- LayerDiffuse -----------------------------------------------------------------------------------------------------
+
+
+@official_adapter("layerdiffusion")
+def layerdiffusion_rows(repository: Path, args) -> Iterator[Row]:
+    """One pass of the transparent decoder at 512 px (eval, inference_mode): the official `UNet1024` forward against
+    our `TransparentVAEDecoder` (the same raw output: alpha, then RGB), in fp32 and on our bf16 path (bf16 autocast;
+    the two highest-resolution levels stay fp32). The official file imports Forge (`backend`), OpenCV and
+    torchvision at the top for its pipeline helpers; the decoder needs none of them, so they are placeholders when
+    missing. Its `latent_conv_in` starts at zero (so the latent would not count): it gets random weights."""
+    from hfpapers.methods.layerdiffusion.convert_layerdiffusion import load_transparent_decoder
+
+    # "backend" first: the placeholder made for "backend.patcher.base" would make it look installed
+    models = import_official(repository, ".", "lib_layerdiffusion.models",
+                             optional={"cv2": (), "torchvision": ("transforms",), "backend": ("memory_management",),
+                                       "backend.patcher.base": ("ModelPatcher",)})
+    batch, size = args.batch_size or 1, 512
+    torch.manual_seed(0)
+    official = models.UNet1024(in_channels=3, out_channels=4).eval()  # as the official TransparentVAEDecoder
+    official.latent_conv_in.reset_parameters()
+    ours = load_transparent_decoder(official.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    pixel = torch.rand(batch, 3, size, size, generator=generator)  # VAE-decoded RGB in [0, 1]
+    latent = torch.randn(batch, 4, size // 8, size // 8, generator=generator)
+    variants = {OFFICIAL: lambda: official(pixel, latent), "ours": lambda: ours(pixel, latent).sample,
+                "ours bf16 autocast": lambda: _bf16(lambda: ours(pixel, latent).sample)}
+    with torch.inference_mode():
+        diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+        flops = count_flops(lambda: ours(pixel, latent))
+    yield Row(f"transparent decoder, one pass, {size}px, batch {batch}", batch, variants, diffs, flops,
+              goal="ours <= official in fp32; bf16 path about 2x faster (error <= 1e-2)")
+
+
 # --- TrAct ------------------------------------------------------------------------------------------------------------
 
 
@@ -459,7 +493,9 @@ def main() -> None:
     for slug, rows in tables.items():
         print(f"\n### {slug} (official: {paths[slug]})\n")
         print(method_table(rows, peak))
-    without = [r.slug for r in hfpapers.list_methods() if r.official_code and r.slug not in ADAPTERS]
+    # a record's official_code names the paper's page where no code was released
+    without = [r.slug for r in hfpapers.list_methods()
+               if r.official_code.startswith(CODE_HOSTS) and r.slug not in ADAPTERS]
     if without:
         print(f"\nmethods with official code but no side-by-side adapter yet: {', '.join(without)}")
     if args.json:
