@@ -87,6 +87,14 @@ def test_fused_efficientvim_runs_channels_last_and_keeps_every_output():
         # every conv layer ran as one oneDNN call on its kernel packed for this input (ReLU included)
         assert all(m._packed is not None for m in fused.modules() if isinstance(m, ConvLayer2D))
     copy.deepcopy(fused)  # the packed kernels are opaque tensors: a copy drops them and packs again
+    layers = [m for m in fused.modules() if isinstance(m, ConvLayer2D)]
+    with torch.no_grad():  # a kernel changed in place is packed again, never used stale: as the plain convolutions
+        for layer in layers:
+            layer.conv.weight.mul_(0.5)
+        packed = fused(pixel_values=x).logits
+        for layer in layers:
+            layer.prepack = False
+        torch.testing.assert_close(packed, fused(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("slug", "head"), [("efficientvim", None), ("scaling-mlp", None), ("croco", "AutoModel"),

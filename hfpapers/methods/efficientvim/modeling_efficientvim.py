@@ -64,15 +64,17 @@ class ConvLayer2D(nn.Module):
         self.norm = nn.BatchNorm2d(out_dim, eps=eps) if norm else None
         self.act = nn.ReLU() if act else None
         self.prepack = False  # fuse(), on CPU in float32: run on a kernel prepacked by oneDNN for the input's shape
-        self._packed = None  # (input shape, packed kernel): made on first use, not a parameter, not saved
+        self._packed = None  # (input shape, kernel storage and version, packed kernel): made on use, never saved
 
     def forward(self, x):
-        if self.prepack and x.dtype == self.conv.weight.dtype and not torch.compiler.is_compiling():
+        c = self.conv
+        cpu_float32 = x.device.type == c.weight.device.type == "cpu" and x.dtype == c.weight.dtype == torch.float32
+        if self.prepack and cpu_float32 and not torch.compiler.is_compiling():
             # one oneDNN call with the ReLU inside, on the kernel in the blocked layout oneDNN picked for this input
             # shape (no per-call weight reorder; the same result as the conv); torch.compile packs its own
-            c = self.conv
-            if self._packed is None or self._packed[0] != x.shape:
-                self._packed = (x.shape, torch.ops.mkldnn._reorder_convolution_weight(
+            key = (x.shape, c.weight.data_ptr(), c.weight._version)
+            if self._packed is None or self._packed[0] != key:
+                self._packed = (key, torch.ops.mkldnn._reorder_convolution_weight(
                     c.weight, c.padding, c.stride, c.dilation, c.groups, list(x.shape)))
             return torch.ops.mkldnn._convolution_pointwise(x, self._packed[1], c.bias, c.padding, c.stride,
                                                            c.dilation, c.groups, "relu" if self.act else "none", [], "")
@@ -108,8 +110,7 @@ class ConvLayer2D(nn.Module):
         self.conv, self.norm = fused, None
         if self.act is not None:  # at inference the conv's output is fresh: rectify it in place
             self.act = nn.ReLU(inplace=True)
-        cpu_float32 = fused.weight.device.type == "cpu" and fused.weight.dtype == torch.float32
-        self.prepack = cpu_float32 and torch.backends.mkldnn.is_available()
+        self.prepack = torch.backends.mkldnn.is_available()
 
     def __getstate__(self):  # copy / pickle: the packed kernel is opaque to both, and made again on first use
         return {**super().__getstate__(), "_packed": None}
