@@ -20,7 +20,11 @@ write a function that takes (repository path, args) and yields `Row`s, decorate 
 What the official repositories need: EfficientViM imports timm (its reparameterised model is timed too when timm
 is importable); both import a package only for FLOP counting or downloads (fvcore, progressbar), replaced by an
 empty module when missing. CroCo (naver/croco) needs only torch and numpy; without its compiled CUDA kernel it
-warns and runs RoPE through its PyTorch fallback, which is what it is timed with on a CPU.
+warns and runs RoPE through its PyTorch fallback, which is what it is timed with on a CPU. LayerDiffuse
+(lllyasviel/sd-forge-layerdiffuse) needs diffusers; the Forge, OpenCV and torchvision imports at the top of its
+models.py become empty modules when missing. FTWT (selkerdawy/FTWT): its `utils` package is loaded without its
+`__init__` (which imports tensorboardX and torchvision), thop becomes an empty module. Pooling And Attention
+(yixuantt/PoolingAndAttn) needs einops (`pip install einops`).
 """
 
 from __future__ import annotations
@@ -308,17 +312,22 @@ def layerdiffusion_rows(repository: Path, args) -> Iterator[Row]:
     the two highest-resolution levels stay fp32). The official file imports Forge (`backend`), OpenCV and
     torchvision at the top for its pipeline helpers; the decoder needs none of them, so they are placeholders when
     missing. Its `latent_conv_in` starts at zero (so the latent would not count): it gets random weights."""
-    from hfpapers.methods.layerdiffusion.convert_layerdiffusion import load_transparent_decoder
+    # imported before the placeholders exist: diffusers' and transformers' find_spec checks fail on them
+    from hfpapers.methods.layerdiffusion.modeling_layerdiffusion import TransparentVAEDecoder
 
     # "backend" first: the placeholder made for "backend.patcher.base" would make it look installed
     models = import_official(repository, ".", "lib_layerdiffusion.models",
                              optional={"cv2": (), "torchvision": ("transforms",), "backend": ("memory_management",),
                                        "backend.patcher.base": ("ModelPatcher",)})
+    for name in [n for n in sys.modules if n.split(".")[0] in ("cv2", "torchvision", "backend")]:
+        if sys.modules[name].__spec__ is None:  # a placeholder: gone again, for the other adapters' imports (timm)
+            del sys.modules[name]
     batch, size = args.batch_size or 1, 512
     torch.manual_seed(0)
     official = models.UNet1024(in_channels=3, out_channels=4).eval()  # as the official TransparentVAEDecoder
     official.latent_conv_in.reset_parameters()
-    ours = load_transparent_decoder(official.state_dict())
+    ours = TransparentVAEDecoder().eval()  # the released architecture, the official parameter names
+    ours.load_state_dict(official.state_dict())
     generator = torch.Generator().manual_seed(1)
     pixel = torch.rand(batch, 3, size, size, generator=generator)  # VAE-decoded RGB in [0, 1]
     latent = torch.randn(batch, 4, size // 8, size // 8, generator=generator)
@@ -405,6 +414,160 @@ def tract_rows(repository: Path, args) -> Iterator[Row]:
                   goal="ours step <= torch-tract's step")
 
 
+# --- FTWT -------------------------------------------------------------------------------------------------------------
+
+_FTWT_OFFICIAL = {"resnet56-cifar10": "resnet56", "vgg16-bn-cifar10": "vgg16_bn"}  # preset -> models.cifar builder
+_FTWT_KEEP = 0.5  # share of each unit's filters the predictors switch on (differently for each image)
+
+
+def _ftwt_import(repository: Path):
+    """The official `models.cifar` and `utils.layers`. The clone's `utils/__init__.py` imports its training tools
+    (tensorboardX, torchvision, a progress bar), which the models do not use: `utils` is registered as a bare package
+    over the clone's folder, so that only `utils.layers` (torch, numpy, matplotlib) runs. thop, imported by the
+    ResNet for FLOP counting only, becomes an empty module when missing."""
+    if not (repository / "utils" / "layers.py").is_file():
+        raise FileNotFoundError(f"{repository / 'utils' / 'layers.py'} does not exist: pass the root of a clone of "
+                                "selkerdawy/FTWT")
+    for name in [n for n in sys.modules if n == "utils" or n.startswith("utils.")]:
+        del sys.modules[name]  # another repository's `utils` (scaling_mlps has one)
+    package = types.ModuleType("utils")
+    package.__path__ = [str(repository / "utils")]
+    package.__file__ = str(repository / "utils" / "__init__.py")  # never run
+    sys.modules["utils"] = package
+    cifar = import_official(repository, ".", "models.cifar",
+                            optional={"thop": ("profile",), "thop.vision.basic_hooks": ("zero_ops",)})
+    return cifar, sys.modules["utils.layers"]
+
+
+def _ftwt_official_masking(layers, official: torch.nn.Module, config) -> list[torch.nn.Module]:
+    """The official `fuse_masking` (utils/utils.py, not imported: it imports torchvision's datasets): every conv
+    unit wrapped in the official `ConvWithMask` with its predictor (`--embedding -1`), the second conv of a
+    BasicBlock masked before the residual sum (`--gtafterblock False`, the default). Returns the units in order."""
+    def wrap(conv, bn, fn):
+        return layers.ConvWithMask(conv, bn, fn, target=-1, nclass=config.num_labels, ratio=config.mass_threshold,
+                                   do_softmax=int(config.predictor_softmax), mode=config.mask_mode,
+                                   gt_type=config.gt_type)
+
+    official.baseline = False
+    if config.backbone == "vgg":
+        features, modules, units, i = list(official.features), [], [], 0
+        while i < len(features):  # conv, BN, ReLU -> one masked unit; the max pools stay
+            if isinstance(features[i], torch.nn.Conv2d):
+                units.append(wrap(*features[i:i + 3]))
+                modules.append(units[-1])
+                i += 3
+            else:
+                modules.append(features[i])
+                i += 1
+        official.features = torch.nn.Sequential(*modules)
+        return units
+    official.masked_conv = wrap(official.conv1, official.bn1, official.relu)
+    units = [official.masked_conv]
+    for block in (b for stage in (official.layer1, official.layer2, official.layer3) for b in stage):
+        block.masked_conv1 = wrap(block.conv1, block.bn1, block.relu)
+        block.masked_conv2 = wrap(block.conv2, block.bn2, torch.nn.Identity())
+        block.gtafterblock = block.baseline = False
+        units += [block.masked_conv1, block.masked_conv2]
+    return units
+
+
+@official_adapter("ftwt")
+def ftwt_rows(repository: Path, args) -> Iterator[Row]:
+    """Inference (eval, inference_mode) of the official CIFAR ResNet-56 and VGG-16-BN with their mask predictors
+    (`fuse_masking`, then the masked forward its `test()` runs: every convolution computed in full, then multiplied
+    by the binary mask; it also computes the self-supervised targets and a FLOP count) against ours: the default
+    execution (the same masked dense forward, without targets), the sparse execution (`sparse=True`: only the
+    predicted filters run, over the channels that can be non-zero, one image at a time) and the dense network
+    (`masking=False`, predictors off; its logits differ, so no difference is shown). Our random weights, with random
+    BN statistics and predictors set so that about half of each unit's filters run, differently for each image
+    (`ftwt.set_keep_share`), are loaded into the official modules; the same mass threshold r on both."""
+    from ftwt import set_keep_share
+
+    cifar, layers = _ftwt_import(repository)
+    batch = args.batch_size or 64
+    for preset in presets_for("ftwt", args, tuple(_FTWT_OFFICIAL)):
+        if preset not in _FTWT_OFFICIAL:
+            raise ValueError(f"--presets {preset}: the official FTWT code has CIFAR models only "
+                             f"({', '.join(_FTWT_OFFICIAL)})")
+        torch.manual_seed(0)
+        ours = hfpapers.create_model("ftwt", preset=preset).eval()
+        set_keep_share(ours, _FTWT_KEEP)
+        c = ours.config
+        official = getattr(cifar, _FTWT_OFFICIAL[preset])(num_classes=c.num_labels)
+        units = _ftwt_official_masking(layers, official, c)
+        pairs = [pair for unit, predictor, theirs in zip(ours.ftwt.masked_units(), ours.ftwt.mask_predictors, units,
+                                                         strict=True)
+                 for pair in ((unit.convolution, theirs.conv), (unit.normalization, theirs.bn),
+                              (predictor.conv, theirs.mask.model[-1]))]
+        pairs.append((ours.classifier, official.classifier if c.backbone == "vgg" else official.fc))
+        for mine, theirs in pairs:
+            theirs.load_state_dict(mine.state_dict())
+        official.eval()
+        dense = copy.deepcopy(ours)
+        dense.config.masking = False
+        x = torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(1))
+        variants = {OFFICIAL: lambda m=official: m(x)[0], "ours": lambda m=ours: m(pixel_values=x).logits,
+                    "ours sparse": lambda m=ours: m(pixel_values=x, sparse=True).logits,
+                    "ours dense (masking off)": lambda m=dense: m(pixel_values=x).logits}
+        with torch.inference_mode():
+            diffs = max_abs_diff({n: fn() for n, fn in variants.items() if n != "ours dense (masking off)"})
+            sparse = ours(pixel_values=x, sparse=True)
+            flops = count_flops(lambda: ours(pixel_values=x))  # the full convolutions of the masked dense forward
+        kept = torch.cat([m.flatten() for m in sparse.masks]).mean().item()
+        executed = sparse.macs.mean().item() / ours.dense_macs()
+        yield Row(f"{preset} forward, {c.image_size}px, batch {batch}, r = {c.mass_threshold}; {kept:.0%} of filters "
+                  f"on, sparse runs {executed:.0%} of the dense MACs", batch, variants, diffs, flops,
+                  goal="ours >= official; masked filters really skipped (the official code only multiplies by "
+                       "the masks)")
+
+
+# --- Pooling And Attention (llm-embedding) ----------------------------------------------------------------------------
+
+
+@official_adapter("llm-embedding")
+def llm_embedding_rows(repository: Path, args) -> Iterator[Row]:
+    """The multi-layer trainable pooler of Models 3 and 5 alone (eval, inference_mode): 768 latents query one state
+    per decoder layer, 32 heads x 2048, GEGLU x4, at the decoder's width (default preset qwen2-0.5b-model-5: 24 x
+    896 in). The official `PerceiverResampler` (pooling_layers/MultiLayersTrainablePooling.py, built as
+    model_loaders/model5.py builds it: every size the decoder's hidden size, 32 layer rows of which the first
+    num_layers are used) against our `TrainablePooler`, in fp32 and under bf16 autocast; the difference column is the pooled
+    (L2-normalised) embedding's. The decoder is not run: the per-layer token means it would feed the pooler (of a
+    512-token input in the paper's setting; the sequence length does not reach the pooler) are random states."""
+    from hfpapers.methods.llm_embedding.configuration_llm_embedding import LLMEmbeddingConfig
+    from hfpapers.methods.llm_embedding.convert_llm_embedding import convert_pooler_state_dict
+    from hfpapers.methods.llm_embedding.modeling_llm_embedding import TrainablePooler
+
+    try:
+        resampler = import_official(repository, ".", "pooling_layers.MultiLayersTrainablePooling").PerceiverResampler
+    except ModuleNotFoundError as error:
+        if error.name != "einops":
+            raise
+        raise ImportError("the official pooler imports einops: pip install einops") from error
+    record = hfpapers.get_method("llm-embedding")
+    batch = args.batch_size or 1
+    for preset in presets_for("llm-embedding", args, ("qwen2-0.5b-model-5",)):
+        config = LLMEmbeddingConfig(**record.presets[preset].config)
+        if config.pooling != "multi_layer_trainable":
+            raise ValueError(f"--presets {preset}: the llm-embedding adapter times the multi-layer pooler (Models 3 "
+                             "and 5); this preset has none")
+        c = config.pooler_config
+        torch.manual_seed(0)
+        official = resampler(dim=c.hidden_size, hidden_dim=c.hidden_size, latent_dim=c.latent_size).eval()
+        # no grad flags: FlopCounterMode's module hooks fail on the expanded latents (a view of a parameter that
+        # requires grad) under inference_mode
+        ours = TrainablePooler(c).eval().requires_grad_(False)
+        ours.load_state_dict(convert_pooler_state_dict(official.state_dict(), c.num_layers))
+        states = torch.randn(batch, c.num_layers, c.hidden_size, generator=torch.Generator().manual_seed(1))
+        variants = {OFFICIAL: lambda: official(states), "ours": lambda: ours(states),
+                    "ours bf16 autocast": lambda: _bf16(lambda: ours(states))}
+        with torch.inference_mode():
+            diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            flops = count_flops(lambda: ours(states))
+        yield Row(f"{preset} pooler forward ({c.num_layers} layer states x {c.hidden_size} in; {c.num_latents} "
+                  f"latents, {c.num_heads} heads x {c.head_dim}), batch {batch}", batch, variants, diffs, flops,
+                  goal="ours >= official; bf16 >= 1.8x at <= 1e-2")
+
+
 # --- the run ----------------------------------------------------------------------------------------------------------
 
 
@@ -453,7 +616,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", help="presets (default: each adapter's)")
     parser.add_argument("--batch-size", type=int,
                         help="default: each adapter's (16 EfficientViM, 64 Scaling MLP, 4 CroCo pairs, "
-                             "128 TrAct)")
+                             "1 LayerDiffuse, 128 TrAct, 64 FTWT, 1 Pooling And Attention)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (every variant once per round)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
