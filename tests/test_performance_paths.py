@@ -127,7 +127,7 @@ def test_fused_scaling_mlp_is_the_blocks_by_hand_on_prepacked_weights(scaling_ml
 
     def by_hand(model):
         mlp, state = model.mlp, {k: v.double() for k, v in model.state_dict().items()}
-        h = torch.nn.functional.linear(x.double().flatten(1), state["mlp.linear_in.weight"], state["mlp.linear_in.bias"])
+        h = x.double().flatten(1) @ state["mlp.linear_in.weight"].T + state["mlp.linear_in.bias"]
         for i, norm in enumerate(mlp.layernorms):
             n = torch.nn.functional.layer_norm(h, h.shape[-1:], state[f"mlp.layernorms.{i}.weight"],
                                                state[f"mlp.layernorms.{i}.bias"], norm.eps)

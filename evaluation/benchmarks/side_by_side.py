@@ -530,8 +530,8 @@ def llm_embedding_rows(repository: Path, args) -> Iterator[Row]:
     per decoder layer, 32 heads x 2048, GEGLU x4, at the decoder's width (default preset qwen2-0.5b-model-5: 24 x
     896 in). The official `PerceiverResampler` (pooling_layers/MultiLayersTrainablePooling.py, built as
     model_loaders/model5.py builds it: every size the decoder's hidden size, 32 layer rows of which the first
-    num_layers are used) against our `TrainablePooler`, in fp32 and under bf16 autocast; the difference column is the pooled
-    (L2-normalised) embedding's. The decoder is not run: the per-layer token means it would feed the pooler (of a
+    num_layers are used) against our `TrainablePooler`, in fp32 and under bf16 autocast; the difference column is
+    the pooled (L2-normalised) embedding's. The decoder is not run: the per-layer token means it would feed the pooler (of a
     512-token input in the paper's setting; the sequence length does not reach the pooler) are random states."""
     from hfpapers.methods.llm_embedding.configuration_llm_embedding import LLMEmbeddingConfig
     from hfpapers.methods.llm_embedding.convert_llm_embedding import convert_pooler_state_dict

@@ -26,8 +26,8 @@ from torch import nn
 
 from ...engine import Callback
 
-__all__ = ["apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient", "tract_weight_gradient_from_outputs",
-           "TrActCallback", "SUPPORTED_LAYERS"]
+__all__ = ["apply_tract", "remove_tract", "find_first_layer", "tract_weight_gradient",
+           "tract_weight_gradient_from_outputs", "TrActCallback", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
