@@ -53,6 +53,19 @@ def test_sliced_lion_is_the_official_update(monkeypatch):
         torch.testing.assert_close(p.detach(), expected, atol=1e-12, rtol=0)
 
 
+def test_lion_allocates_its_momentum_once(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = recipe.Lion(params, lr=0.01)
+    allocations = []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: allocations.append(a[0].shape) or zeros_like(*a, **k))
+    for _ in range(3):  # a fresh zero buffer per parameter and step would cost a full pass over the model's memory
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    assert allocations == [p.shape for p in params]
+
+
 def test_channels_last_layer_norm_is_the_definition():
     norm = LayerNorm1D(6, eps=1e-5)
     with torch.no_grad():

@@ -41,7 +41,10 @@ class Lion(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                state = self.state[p]
+                if "exp_avg" not in state:  # not setdefault: that would allocate and zero a new buffer every step
+                    state["exp_avg"] = torch.zeros_like(p)
+                momentum = state["exp_avg"]
                 if not (p.is_contiguous() and p.grad.is_contiguous()):
                     _lion_update(p, p.grad, momentum, lr, decay, beta1, beta2)
                     continue
