@@ -116,15 +116,23 @@ class SimilarityAsPoints(nn.Module):
     @staticmethod
     def discrete_to_continuous(sm: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Each point moves to the mean pixel position weighted by exp(-squared pixel distance) x softmax of the
-        similarity map over all pixels: (height, width), (num, 2) -> (num, 2), differentiable in `sm`."""
+        similarity map over all pixels: (height, width), (num, 2) -> (num, 2), differentiable in `sm`.
+
+        The Gaussian factorises, exp(-dx^2 - dy^2) = exp(-dx^2) exp(-dy^2), so the weighted sums are contracted one
+        axis at a time: (num, width) and (num, height) kernels instead of a (num, height x width) weight matrix."""
         height, width = sm.shape
-        probs = F.softmax(sm.reshape(-1), dim=0)
-        grid_y, grid_x = torch.meshgrid(torch.arange(height, device=sm.device, dtype=sm.dtype),
-                                        torch.arange(width, device=sm.device, dtype=sm.dtype), indexing="ij")
-        grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # (pixels, 2) as (x, y)
-        weights = torch.exp(-torch.cdist(points.to(sm.dtype), grid).square()) * probs
-        weights = weights / weights.sum(-1, keepdim=True)
-        return weights @ grid
+        probs = F.softmax(sm.reshape(-1), dim=0).reshape(height, width)
+        xs = torch.arange(width, device=sm.device, dtype=sm.dtype)
+        ys = torch.arange(height, device=sm.device, dtype=sm.dtype)
+        points = points.to(sm.dtype)
+        kernel_x = torch.exp(-(points[:, :1] - xs).square())  # (num, width)
+        kernel_y = torch.exp(-(points[:, 1:] - ys).square())  # (num, height)
+        along_x = probs @ kernel_x.T  # (height, num): sum over x of p(y, x) exp(-dx^2)
+        along_x_times_x = probs @ (kernel_x * xs).T  # the same, each term times x
+        total = (kernel_y.T * along_x).sum(0)
+        mean_x = (kernel_y.T * along_x_times_x).sum(0) / total
+        mean_y = (kernel_y.T * ys[:, None] * along_x).sum(0) / total
+        return torch.stack([mean_x, mean_y], dim=-1)
 
     def forward(self, similarity: torch.Tensor, height: int, width: int):
         """(grid*grid,) similarities of one image -> points (num, 2) as (x, y) pixels, labels (num,), and the
