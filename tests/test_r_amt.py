@@ -101,6 +101,20 @@ def test_straight_through_gradient_and_l2_penalty(processor):
     assert model.mask_penalty().item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_l2_penalty_takes_one_norm_of_each_fused_qkv_mask(processor):
+    """The official attention masks its fused in_proj weight: one norm over a block's q, k and v masks together."""
+    model = MaskTunedCLIP(tiny_clip(processor.tokenizer), RAmtConfig())
+    scramble_masks(model)
+    masks = {name: layer.mask_real.detach().double() for name, layer in model.masked_layers().items()}
+    expected = math.sqrt(float((masks["vision_model.embeddings.patch_embedding"] ** 2).sum()))
+    for block in range(3):
+        prefix = f"vision_model.encoder.layers.{block}.self_attn."
+        in_proj = torch.cat([masks[prefix + p] for p in ("q_proj", "k_proj", "v_proj")])  # (3 * 64, 64) as officially
+        expected += math.sqrt(float((in_proj ** 2).sum())) + math.sqrt(float((masks[prefix + "out_proj"] ** 2).sum()))
+    assert len(masks) == 1 + 3 * 4
+    assert model.mask_penalty().item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_gradient_dropout_matches_the_official_rule_by_hand():
     g_ce = torch.tensor([0.2, -0.3, 0.5, -0.1, 0.0, 0.4])
     g_kl = torch.tensor([0.1, -0.1, -0.5, 0.3, 0.2, -1.2])

@@ -35,6 +35,7 @@ ADAPTER_TYPE = "r-amt"
 # The official targets (`MASK_MLP: False`); fc1 / fc2 are its MLP option.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "patch_embedding")
 MASKABLE = (*DEFAULT_TARGETS, "fc1", "fc2")
+IN_PROJ = ("q_proj", "k_proj", "v_proj")  # fused into one `in_proj_weight` (and one mask) officially
 DEFAULT_TEMPLATES = ("a photo of a {}.",)  # the official CUSTOM_TEMPLATES of ImageNet, SUN397, Caltech101, cars
 
 
@@ -92,6 +93,8 @@ class MaskedLayer(nn.Module):
         return self.mask_real > self.threshold
 
     def masked_weight(self) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.mask_real.requires_grad):  # inference: no autograd node to build
+            return self.base_layer.weight * self.binary_mask()
         return self.base_layer.weight * Binarizer.apply(self.mask_real, self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,8 +215,14 @@ class MaskTunedCLIP(nn.Module):
         return removed / sum(layer.mask_real.numel() for layer in layers)
 
     def mask_penalty(self) -> torch.Tensor:
-        """Sum over masks of ||M_real||_2 (official `RegLoss(param, 2)`: the norm, not its square)."""
-        return sum(torch.linalg.vector_norm(layer.mask_real) for layer in self.masked_layers().values())
+        """Sum over the official mask parameters of ||M_real||_2 (`RegLoss(param, 2)`: the norm, not its square).
+        The official attention has one fused `in_proj` mask, so a block's q, k and v masks share one norm."""
+        squares = {}
+        for name, layer in self.masked_layers().items():
+            block, _, projection = name.rpartition(".")
+            key = f"{block}.in_proj" if projection in IN_PROJ else name
+            squares[key] = squares.get(key, 0) + layer.mask_real.square().sum()
+        return sum(total.sqrt() for total in squares.values())
 
     def set_classes(self, class_names, tokenizer, templates=DEFAULT_TEMPLATES) -> None:
         """Cache the zero-shot classifier of `class_names` (the text encoder is frozen and unmasked)."""
