@@ -24,7 +24,16 @@ warns and runs RoPE through its PyTorch fallback, which is what it is timed with
 (lllyasviel/sd-forge-layerdiffuse) needs diffusers; the Forge, OpenCV and torchvision imports at the top of its
 models.py become empty modules when missing. FTWT (selkerdawy/FTWT): its `utils` package is loaded without its
 `__init__` (which imports tensorboardX and torchvision), thop becomes an empty module. Pooling And Attention
-(yixuantt/PoolingAndAttn) needs einops (`pip install einops`).
+(yixuantt/PoolingAndAttn) needs einops (`pip install einops`). GS-LoRA (bjzhb666/GS-LoRA) needs einops and loralib
+(`pip install einops loralib==0.1.2`); its `util` package is loaded without `util.utils` (torchvision, mxnet,
+matplotlib, wandb: its training loop's tools), wandb and IPython become empty modules. READ (rui-qian/READ): its
+model/READ.py imports the vendored LLaVA, whose MPT model (einops, Bloom internals gone from transformers 5) becomes
+an empty module and whose Auto-class registration of "llava" (a transformers 5 type) is skipped; OpenCV, matplotlib
+and torchvision become empty modules when missing. Neural Collapse in Deep Linear Networks
+(Fsoft-AIC/Neural-Collapse-in-Deep-Linear-Networks): its synthetic_experiment_imbalanced.py needs tqdm, scipy and
+sympy; its NC functions call `.cuda()`, which returns the tensor itself during their calls. R-AMT (wuw2019/R-AMT,
+folder code/): its masked image encoder (modules/) and RegLoss (loss/) need torch only; `clip` is loaded without its
+`__init__` (torchvision, PIL, ftfy, the OpenAI weight download); our random CLIP weights are copied into it.
 """
 
 from __future__ import annotations
@@ -114,6 +123,18 @@ def import_official(repository: Path, subdirectory: str, module: str, optional: 
         return importlib.import_module(module)
     finally:
         sys.path.remove(str(root))
+
+
+def _bare_package(name: str, folder: Path) -> types.ModuleType:
+    """Registers `folder` as package `name` without running its `__init__.py` (which imports tools the timed
+    modules do not need), in place of any other repository's package of that name."""
+    for loaded in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+        del sys.modules[loaded]
+    package = types.ModuleType(name)
+    package.__path__ = [str(folder)]
+    package.__file__ = str(folder / "__init__.py")  # never run
+    sys.modules[name] = package
+    return package
 
 
 def presets_for(slug: str, args, default: tuple[str, ...]) -> list[str]:
@@ -428,12 +449,7 @@ def _ftwt_import(repository: Path):
     if not (repository / "utils" / "layers.py").is_file():
         raise FileNotFoundError(f"{repository / 'utils' / 'layers.py'} does not exist: pass the root of a clone of "
                                 "selkerdawy/FTWT")
-    for name in [n for n in sys.modules if n == "utils" or n.startswith("utils.")]:
-        del sys.modules[name]  # another repository's `utils` (scaling_mlps has one)
-    package = types.ModuleType("utils")
-    package.__path__ = [str(repository / "utils")]
-    package.__file__ = str(repository / "utils" / "__init__.py")  # never run
-    sys.modules["utils"] = package
+    _bare_package("utils", repository / "utils")  # also replaces another repository's `utils` (scaling_mlps)
     cifar = import_official(repository, ".", "models.cifar",
                             optional={"thop": ("profile",), "thop.vision.basic_hooks": ("zero_ops",)})
     return cifar, sys.modules["utils.layers"]
@@ -521,6 +537,285 @@ def ftwt_rows(repository: Path, args) -> Iterator[Row]:
                        "the masks)")
 
 
+# --- GS-LoRA ----------------------------------------------------------------------------------------------------------
+
+# The official face Transformer (train/train_own_forget_cl.py: 112 px, patch 8, 512 wide, 6 blocks, 8 heads, MLP 2048)
+# and a narrower one; 6 blocks in both, as the official `get_structure_loss` names exactly six groups.
+_GS_LORA_VITS = {"face-vit-small": {"patch_size": 16, "dim": 256, "heads": 4, "mlp_dim": 1024},
+                 "face-vit": {"patch_size": 8, "dim": 512, "heads": 8, "mlp_dim": 2048}}
+_GS_LORA_CLASSES = 100  # CASIA-100
+
+
+def _drop_placeholders(*tops: str) -> None:
+    """Removes the placeholder modules under `tops` once the official code holds what it imported from them:
+    transformers' find_spec checks fail on a module without a spec."""
+    for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+        if sys.modules[name].__spec__ is None:
+            del sys.modules[name]
+
+
+def _gs_lora_import(repository: Path):
+    """The official `vit_pytorch_face.vit_face` (ViT_face with loralib layers) and `engine_cl` (get_structure_loss).
+    `engine_cl` imports `util.utils` (torchvision, mxnet, matplotlib, sklearn, wandb: the data and evaluation tools),
+    used only by its training loop: `util` is registered as a bare package over the clone's folder with `util.utils`
+    a placeholder, so that only `util.data_prefetcher` (torch) runs. wandb and IPython (`embed`, for debugging)
+    become placeholders when missing; einops and loralib (the LoRA layers being timed) are needed."""
+    if not (repository / "engine_cl.py").is_file():
+        raise FileNotFoundError(f"{repository / 'engine_cl.py'} does not exist: pass the root of a clone of "
+                                "bjzhb666/GS-LoRA")
+    _bare_package("util", repository / "util")
+    tools = sys.modules["util.utils"] = types.ModuleType("util.utils")
+    tools.train_accuracy = tools.get_time = tools.AverageMeter = None  # the loop's helpers, never called here
+    optional = {"wandb": (), "IPython": ("embed",)}
+    try:
+        vit_face = import_official(repository, ".", "vit_pytorch_face.vit_face", optional=optional)
+        engine = import_official(repository, ".", "engine_cl", optional=optional)
+    except ModuleNotFoundError as error:
+        if error.name not in ("einops", "loralib"):
+            raise
+        raise ImportError("the official face Transformer imports einops and loralib (its LoRA layers): "
+                          "pip install einops loralib==0.1.2") from error
+    finally:
+        _drop_placeholders("wandb", "IPython", "util")
+    return vit_face, engine, importlib.import_module("loralib")
+
+
+class _FaceClassifier(torch.nn.Module):
+    """A face Transformer's embedding and a Linear classifier, called as a transformers image classifier is
+    (`pixel_values=` in, `.logits` out): what GS-LoRA's recipe trains."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, pixel_values):
+        return types.SimpleNamespace(logits=self.head(self.backbone(pixel_values)))
+
+
+def _without_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    """A copy of `model` whose loralib layers are plain nn.Linear layers holding the same base weights."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, lora.LoRALayer):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("lora_")})
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, linear)
+    return model
+
+
+@official_adapter("gs-lora")
+def gs_lora_rows(repository: Path, args) -> Iterator[Row]:
+    """One GS-LoRA training step without the optimiser (forward, L = CE(retain) + beta ReLU(BND - CE(forget)) +
+    alpha L_structure, backward) on the official face Transformer (ViT_face, LoRA rank 8 in both FFN Linear layers
+    of its 6 blocks): the official loralib layers, two forward passes (retain, then forget, as engine_cl's
+    train_one_epoch) and its `get_structure_loss`, against ours on a copy of the same network: its LoRA layers
+    plain Linear, peft's LoRA on the FFN layers our `find_ffn_targets` finds, `GSLoRARecipe.compute_loss` (one
+    forward of both batches, `group_sparse_penalty`). The official CosFace head moves labels to CUDA in every call,
+    so both sides end in the same Linear classifier (100 classes) on the embedding; dropout 0 (the official 0.1
+    would draw different masks). Same base and LoRA weights (B random, so every LoRA matrix has a gradient), the
+    official continual script's settings: alpha 1e-4, beta 0.15, BND 105. Models (`--presets face-vit-small
+    face-vit`, default the small one): 112 px, 6 blocks; face-vit is the paper's (patch 8, 512 wide, 8 heads, MLP
+    2048), face-vit-small has patch 16, 256 wide, 4 heads, MLP 1024. Items = retain + forget images; the
+    difference column: the larger of the loss's and the LoRA gradients' differences."""
+    from peft import get_peft_model
+
+    from hfpapers.engine import TrainingState
+    from hfpapers.methods.gs_lora import GSLoRAConfig, find_ffn_targets, lora_config, lora_groups
+    from hfpapers.methods.gs_lora.recipe import GSLoRARecipe
+
+    vit_face, engine, lora = _gs_lora_import(repository)
+    config = GSLoRAConfig(rank=8, alpha=1e-4, beta=0.15, bound=105.0)  # scripts/run_cl_forget.sh
+    batch = args.batch_size or 8
+    for preset in [p for p in _GS_LORA_VITS if p in args.presets] if args.presets else ["face-vit-small"]:
+        torch.manual_seed(0)
+        official = vit_face.ViT_face(loss_type="None", GPU_ID=None, num_class=_GS_LORA_CLASSES, image_size=112,
+                                     depth=6, dropout=0.0, emb_dropout=0.0, lora_rank=config.rank,
+                                     lora_pos="FFN", **_GS_LORA_VITS[preset])
+        for module in official.modules():
+            if isinstance(module, lora.Linear) and module.r > 0:
+                torch.nn.init.normal_(module.lora_B, std=0.02)
+        lora.mark_only_lora_as_trainable(official)  # as train_own_forget_cl.py: only LoRA trains
+        head = torch.nn.Linear(_GS_LORA_VITS[preset]["dim"], _GS_LORA_CLASSES).requires_grad_(False)
+
+        plain = _FaceClassifier(_without_lora(official, lora), copy.deepcopy(head))
+        targets = find_ffn_targets(plain)
+        ours = get_peft_model(plain, lora_config(targets, config.rank, config.lora_alpha))
+        groups = lora_groups(ours, targets, "block")  # per block: fc1.A, fc1.B, fc2.A, fc2.B
+        official_groups = [[official.get_parameter(f"transformer.layers.{i}.1.fn.fn.net.{j}.lora_{m}")
+                            for j in (0, 3) for m in "AB"] for i in range(len(groups))]
+        with torch.no_grad():
+            for mine, theirs in zip(groups, official_groups, strict=True):
+                for a, b in zip(mine, theirs, strict=True):
+                    a.copy_(b)
+
+        generator = torch.Generator().manual_seed(1)
+        retain_x, forget_x = torch.randn(2, batch, 3, 112, 112, generator=generator)
+        retain_y, forget_y = torch.randint(_GS_LORA_CLASSES, (2, batch), generator=generator)
+        recipe = GSLoRARecipe(config, groups, forget_y.unique().tolist(), [], 1.0)
+        inputs = {"retain_pixel_values": retain_x, "retain_labels": retain_y, "forget_pixel_values": forget_x,
+                  "forget_labels": forget_y}
+        state = TrainingState()
+
+        def official_step():
+            official.zero_grad(set_to_none=True)
+            loss_remain = F.cross_entropy(head(official(retain_x)), retain_y)
+            loss_forget = F.relu(config.bound - F.cross_entropy(head(official(forget_x)), forget_y))
+            loss = (loss_forget * config.beta + loss_remain + engine.get_structure_loss(official) * config.alpha)
+            loss.backward()
+            return loss
+
+        def ours_step():
+            ours.zero_grad(set_to_none=True)
+            loss = recipe.compute_loss(ours, inputs, None, state)
+            loss.backward()
+            return loss
+
+        losses = {OFFICIAL: official_step().detach(), "ours": ours_step().detach()}
+        gradients = [max((a.grad - b.grad).abs().max().item() for a, b in zip(mine, theirs))
+                     for mine, theirs in zip(groups, official_groups)]
+        diff = max((losses["ours"] - losses[OFFICIAL]).abs().item(), *gradients)
+        flops = count_flops(ours_step)
+        c = _GS_LORA_VITS[preset]
+        yield Row(f"{preset} ({112 // c['patch_size']}^2 patches, {c['dim']} wide) train step (forward + backward, "
+                  f"no optimiser), batch {batch} retain + {batch} forget", 2 * batch,
+                  {OFFICIAL: official_step, "ours": ours_step}, {"ours": diff}, flops,
+                  goal="ours >= official (one forward of both batches; peft LoRA)")
+
+
+# --- READ -------------------------------------------------------------------------------------------------------------
+
+_READ_IMAGE_SIZES = {"read-7b": (480, 640)}  # preset -> the (height, width) of the image being segmented
+
+
+def _read_import(repository: Path):
+    """The official `model.READ` (READForCausalLM, whose methods hold SasP) and its `segment_anything` modules.
+    model/READ.py imports the whole LLaVA package: its MPT language model (einops, and Bloom internals that
+    transformers 5 removed) becomes a placeholder, and its Llama one registers the model type "llava" with the Auto
+    classes, which transformers 5 owns: the registration is skipped during the import. OpenCV, matplotlib (debug
+    drawing) and torchvision (SAM's automatic mask generator and resize transform) become placeholders when missing."""
+    from unittest import mock
+
+    import transformers
+
+    if not (repository / "model" / "READ.py").is_file():
+        raise FileNotFoundError(f"{repository / 'model' / 'READ.py'} does not exist: pass the root of a clone of "
+                                "rui-qian/READ")
+    mpt = types.ModuleType("model.llava.model.language_model.llava_mpt")
+    mpt.__file__ = str(repository / "model" / "llava" / "model" / "language_model" / "llava_mpt.py")  # never run
+    mpt.LlavaMPTForCausalLM = mpt.LlavaMPTConfig = None
+    sys.modules[mpt.__name__] = mpt
+    optional = {"cv2": (), "matplotlib.pyplot": (), "torchvision.ops.boxes": ("batched_nms", "box_area"),
+                "torchvision.transforms.functional": ("resize", "to_pil_image")}
+    try:
+        with mock.patch.object(transformers.AutoConfig, "register", lambda *a, **k: None), \
+                mock.patch.object(transformers.AutoModelForCausalLM, "register", lambda *a, **k: None):
+            read = import_official(repository, ".", "model.READ", optional=optional)
+    finally:
+        _drop_placeholders("cv2", "matplotlib", "torchvision")
+    return read, sys.modules["model.segment_anything.modeling"]
+
+
+def _read_model(preset: str):
+    """Our READ with the preset's SasP settings, LM width and SAM prompt encoder / mask decoder; the parts that are
+    not run (the LM's layers, CLIP and SAM's image encoder) one narrow layer each."""
+    from hfpapers.methods.read import READConfig, READForReasoningSegmentation
+
+    record = hfpapers.get_method("read").presets[preset].config
+    llava, sam = record["llava_config"], record["sam_config"]
+    vision, text = llava["vision_config"], llava["text_config"]
+    tiny = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1}
+    config = READConfig(**{
+        **record, "lora_r": 0, "seg_token_index": 2,
+        "llava_config": {**llava, "image_token_index": 1, "image_seq_length": vision["image_size"] ** 2
+                         // vision["patch_size"] ** 2,
+                         "vision_config": {**vision, **tiny, "projection_dim": 16},
+                         "text_config": {**text, "vocab_size": 3, "intermediate_size": 16, "num_hidden_layers": 1,
+                                         "num_key_value_heads": 1,
+                                         "num_attention_heads": text["hidden_size"] // 128}},
+        "sam_config": {**sam, "vision_config": {**sam["vision_config"], "hidden_size": 16, "num_hidden_layers": 1,
+                                                "num_attention_heads": 1, "mlp_dim": 16,
+                                                "global_attn_indexes": [0]}}})
+    return READForReasoningSegmentation(config).eval()
+
+
+@official_adapter("read")
+def read_rows(repository: Path, args) -> Iterator[Row]:
+    """What READ adds after the language model, for one image and one `[SEG]` (eval, inference_mode), from the LM's
+    last-layer states: the `[SEG]`-image similarity, Similarity-as-Points with Discrete-to-Continuous, the `[SEG]`
+    projection, SAM's prompt encoder (points + `[SEG]` token) and mask decoder, the masks resized to the image. The
+    official `READForCausalLM` methods `compute_similarity_map`, `similarity_map_to_points` (its READ-7B constants:
+    30 points, t 0.8 / 0.2, 24 -> 12 grid) and `generate_pred_masks`, called with a stand-in `self` that holds only
+    SAM (the LLaVA LM is not built), against our `segment_from_states`. The official SAM prompt encoder and mask
+    decoder are built as `build_sam_vit_h` builds them, with random weights, converted into ours
+    (`convert_sam_state_dict`); the projection is `initialize_read_modules`' Sequential, with our weights. Neither
+    SAM's image encoder (the image embedding is given) nor the LM runs; states and the image embedding are random.
+    Preset read-7b: 576 image states x 4096, a 480 x 640 image. The difference column: the larger of the points' and
+    the mask logits' differences (the point labels must agree)."""
+    from hfpapers.methods.read.convert_read import convert_sam_state_dict
+    from hfpapers.methods.read.modeling_read import resize_longest_side
+
+    official, sam_modules = _read_import(repository)
+    for preset in [p for p in _READ_IMAGE_SIZES if p in args.presets] if args.presets else ["read-7b"]:
+        torch.manual_seed(0)
+        ours = _read_model(preset)
+        c = ours.config
+        height, width = _READ_IMAGE_SIZES[preset]
+        # build_sam_vit_h's prompt encoder and mask decoder; the image encoder only lends its input size
+        size, patch = c.sam_config.vision_config.image_size, c.sam_config.vision_config.patch_size
+        prompt_dim = c.sam_config.prompt_encoder_config.hidden_size
+        sam = sam_modules.Sam(
+            image_encoder=types.SimpleNamespace(img_size=size),
+            prompt_encoder=sam_modules.PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(size // patch,) * 2,
+                                                     input_image_size=(size, size), mask_in_chans=16),
+            mask_decoder=sam_modules.MaskDecoder(
+                num_multimask_outputs=3, transformer=sam_modules.TwoWayTransformer(
+                    depth=2, embedding_dim=prompt_dim, mlp_dim=2048, num_heads=8),
+                transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256)).eval()
+        converted, unmapped = convert_sam_state_dict(sam.state_dict())
+        missing, unexpected = ours.sam.load_state_dict(converted, strict=False)
+        if unmapped or unexpected or any(not k.startswith("vision_encoder.") for k in missing):
+            raise RuntimeError(f"SAM weights did not map onto ours: {unmapped + unexpected + missing}")
+        hidden = c.llava_config.text_config.hidden_size
+        projection = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(inplace=True),
+                                         torch.nn.Linear(hidden, c.out_dim), torch.nn.Dropout(0.0))
+        projection.load_state_dict(ours.text_hidden_fcs.state_dict())
+        stand_in = types.SimpleNamespace(model=types.SimpleNamespace(visual_model=sam), device=torch.device("cpu"))
+
+        # One row: <s>, the image tokens, a question, the state that predicts [SEG], [SEG].
+        grid = c.image_grid
+        ids = torch.tensor([[0] + [c.llava_config.image_token_index] * grid**2 + [0] * 8 + [c.seg_token_index]])
+        generator = torch.Generator().manual_seed(1)
+        states = torch.randn(1, ids.shape[1], hidden, generator=generator)
+        image_embedding = torch.randn(1, prompt_dim, size // patch, size // patch, generator=generator)
+        sizes = torch.tensor([[height, width]])
+        input_size = resize_longest_side(height, width, size)
+
+        def official_call():
+            similarity = official.READForCausalLM.compute_similarity_map(None, states[:, 1:1 + grid**2],
+                                                                         states[0, -2:-1])
+            points, labels = official.READForCausalLM.similarity_map_to_points(None, similarity[0, :, 0],
+                                                                               (height, width))
+            mask = official.READForCausalLM.generate_pred_masks(
+                stand_in, [projection(states[0, -2:-1])], image_embedding, [(input_size, (height, width))], None,
+                [points[None]], [labels[None]], None, None)[0][0]
+            return points, labels, mask
+
+        def ours_call():
+            out = ours.segment_from_states(states, ids, image_embedding, sizes)
+            return out["points"][0], out["point_labels"][0], out["pred_masks"][0]
+
+        with torch.inference_mode():
+            (points, labels, mask), (our_points, our_labels, our_mask) = official_call(), ours_call()
+            flops = count_flops(ours_call)
+        if not torch.equal(labels, our_labels.to(labels.dtype)):
+            raise RuntimeError(f"the point labels differ: official {labels.tolist()}, ours {our_labels.tolist()}")
+        diff = max((our_points - points).abs().max().item(), (our_mask - mask).abs().max().item())
+        yield Row(f"{preset} SasP + SAM decoder, {grid}x{grid} states x {hidden}, {c.num_points} points, "
+                  f"{height}x{width} image", 1, {OFFICIAL: official_call, "ours": ours_call}, {"ours": diff},
+                  flops, goal="ours >= official")
+
+
 # --- Pooling And Attention (llm-embedding) ----------------------------------------------------------------------------
 
 
@@ -531,8 +826,9 @@ def llm_embedding_rows(repository: Path, args) -> Iterator[Row]:
     896 in). The official `PerceiverResampler` (pooling_layers/MultiLayersTrainablePooling.py, built as
     model_loaders/model5.py builds it: every size the decoder's hidden size, 32 layer rows of which the first
     num_layers are used) against our `TrainablePooler`, in fp32 and under bf16 autocast; the difference column is
-    the pooled (L2-normalised) embedding's. The decoder is not run: the per-layer token means it would feed the pooler (of a
-    512-token input in the paper's setting; the sequence length does not reach the pooler) are random states."""
+    the pooled (L2-normalised) embedding's. The decoder is not run: the per-layer token means it would feed the
+    pooler (of a 512-token input in the paper's setting; the sequence length does not reach the pooler) are random
+    states."""
     from hfpapers.methods.llm_embedding.configuration_llm_embedding import LLMEmbeddingConfig
     from hfpapers.methods.llm_embedding.convert_llm_embedding import convert_pooler_state_dict
     from hfpapers.methods.llm_embedding.modeling_llm_embedding import TrainablePooler
@@ -566,6 +862,271 @@ def llm_embedding_rows(repository: Path, args) -> Iterator[Row]:
         yield Row(f"{preset} pooler forward ({c.num_layers} layer states x {c.hidden_size} in; {c.num_latents} "
                   f"latents, {c.num_heads} heads x {c.head_dim}), batch {batch}", batch, variants, diffs, flops,
                   goal="ours >= official; bf16 >= 1.8x at <= 1e-2")
+
+
+# --- Neural Collapse in Deep Linear Networks (nc-deep-linear) -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cuda_is_identity():
+    """The official NC functions move the tensors they build with `.cuda()` (they were written for one GPU): inside
+    the block `Tensor.cuda` returns the tensor itself, so that they run where the features are."""
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
+
+
+def _nc_official_metrics(script, model, Y, targets, s_array, feature_decay: float, depth: int) -> torch.Tensor:
+    """What synthetic_experiment_imbalanced.py measures after every step (its `main` loop, transcribed: the product
+    list W_list, then its compute_* functions): NC1 of H; NC2_W and NC3 (W against the scaled class means) of
+    W_M..W_1; NC2_H of H's class means; NC3 (W H̄) of W_M against its input."""
+    with _cuda_is_identity():
+        W_list = [model.fc[-1].weight.clone()]
+        for layer in reversed(model.fc[:-1]):
+            W_list.append(W_list[-1] @ layer.weight)
+        mu_G, mu_c, _, features, _ = script.compute_info(model, Y, targets)
+        sigma_w = script.compute_Sigma_W(features[-1], mu_c[-1], targets)
+        sigma_b = script.compute_Sigma_B(mu_c[-1], mu_G[-1])
+        return torch.tensor([script.np.trace(sigma_w @ script.scilin.pinv(sigma_b)) / len(mu_c[-1]),
+                             script.compute_NC2_W(W_list[-1], s_array, depth),
+                             script.compute_NC2_H(mu_c[-1], s_array, feature_decay, depth),
+                             script.compute_NC3_WH(W_list[0], mu_c[0], s_array, feature_decay, depth),
+                             script.compute_NC3_W_sub_H(W_list[-1], mu_c[-1], s_array, feature_decay, depth)],
+                            dtype=torch.float64)
+
+
+@official_adapter("nc-deep-linear")
+def nc_deep_linear_rows(repository: Path, args) -> Iterator[Row]:
+    """The imbalanced deep linear UFM of the official synthetic_experiment_imbalanced.py (MSE, no bias, class counts
+    [200, 100, 50, 50]) against ours, for every depth M of each preset, from the same random H and W_1..W_M:
+    (1) a train step as the official loop takes it (its `SyntheticModel` loss, backward, SGD with momentum 0.9;
+    ours: `ufm_objective` in float32 and in float64, the precision `solve_ufm` works in), the difference column
+    the largest parameter difference after 3 steps; (2) the NC metrics of one iterate (the official loop's
+    measurement: its compute_info / compute_Sigma_* / compute_NC* on the float32 model, with its sympy closed form
+    s_k; ours: `ufm_layer_metrics` as `ufm_arms` records it, on the same weights in float64, every layer measured),
+    the difference column the largest difference of NC1, NC2_W, NC2_H, NC3 (W H̄) and NC3 (W vs H̄). The metrics
+    row is left out above d = 512: the official compute_Sigma_W holds n_k x d x d outer products (3.4 GB at d =
+    2048). items = UFM samples. At the README's d = 2048, lr 0.1 diverges for M >= 3 (the official loss is inf
+    by the 5th step, as ours): their rows time steps on non-finite values, which cost the same on a CPU, so our
+    step is timed without solve_ufm's divergence check (a scalar test)."""
+    import io
+
+    from hfpapers.methods.nc_deep_linear.config import NcDeepLinearConfig
+    from hfpapers.methods.nc_deep_linear.deep_linear import UnconstrainedFeatures
+    from hfpapers.methods.nc_deep_linear.experiments import ufm_layer_metrics
+    from hfpapers.methods.nc_deep_linear.ufm import ufm_labels, ufm_objective
+
+    for name in [n for n in sys.modules if n == "utils" or n.startswith("utils.")]:
+        del sys.modules[name]  # another repository's `utils`: the script imports the clone's utils.py
+    script = import_official(repository, ".", "synthetic_experiment_imbalanced")
+    record = hfpapers.get_method("nc-deep-linear")
+    for preset in presets_for("nc-deep-linear", args, ("fast", "ufm-balanced")):
+        c = NcDeepLinearConfig(**record.presets[preset].config)
+        counts = c.imbalanced_counts
+        script.NUM_CLASS_SAMPLES, script.NUM_SAMPLES = list(counts), sum(counts)  # the script's constants
+        labels = ufm_labels(counts)
+        Y = F.one_hot(labels).float()
+        decays = dict(weight_decay=c.weight_decay, feature_decay=c.feature_decay)
+        for depth in c.depths:
+            torch.manual_seed(c.seed)
+            official = script.SyntheticModel(c.hidden, len(counts), depth, len(labels), **decays)
+            state = {k.replace("fc.", "linear.", 1): v for k, v in official.state_dict().items()}
+            ours = {}
+            for dtype in (torch.float32, torch.float64):
+                ours[dtype] = UnconstrainedFeatures(len(labels), c.hidden, len(counts), depth, dtype=dtype)
+                ours[dtype].load_state_dict(state)
+
+            def official_step(model=official, optimizer=torch.optim.SGD(official.parameters(), lr=c.learning_rate,
+                                                                        momentum=c.momentum)):
+                optimizer.zero_grad()
+                _, loss, _ = model(Y)
+                loss.backward()
+                optimizer.step()
+
+            def ours_step(model, optimizer):  # solve_ufm's iteration (less its divergence check: see above)
+                optimizer.zero_grad(set_to_none=True)
+                ufm_objective(model, labels, "mse", **decays).backward()
+                optimizer.step()
+
+            steps = {OFFICIAL: official_step}
+            for dtype, label in ((torch.float32, "ours float32"), (torch.float64, "ours float64")):
+                optimizer = torch.optim.SGD(ours[dtype].parameters(), lr=c.learning_rate, momentum=c.momentum)
+                steps[label] = lambda m=ours[dtype], o=optimizer: ours_step(m, o)
+            for _ in range(3):
+                for step in steps.values():
+                    step()
+            reference = {k.replace("fc.", "linear.", 1): v for k, v in official.state_dict().items()}
+            diffs = {label: max((v.float() - reference[k]).abs().max().item() for k, v in m.state_dict().items())
+                     for label, m in zip(list(steps)[1:], ours.values())}
+            with torch.no_grad():
+                flops = 3 * count_flops(lambda: ours[torch.float32]())
+            size = f"N = {len(labels)} {list(counts)}, d = {c.hidden}, M = {depth}"
+            yield Row(f"{preset}: UFM train step (SGD, full batch), {size}", len(labels), steps, diffs, flops,
+                      goal="ours float32 no slower than official (the same operations)")
+            if c.hidden > 512:
+                continue
+
+            with contextlib.redirect_stdout(io.StringIO()):  # compute_s prints its result
+                s_array = script.compute_s(c.weight_decay, c.feature_decay, depth, device="cpu")
+            measured = copy.deepcopy(ours[torch.float64])
+            measured.load_state_dict({k.replace("fc.", "linear.", 1): v for k, v in official.state_dict().items()})
+
+            def ours_metrics(model=measured):
+                layers = ufm_layer_metrics(model, labels, frame="general-orthogonal", counts=counts, **decays)
+                return torch.tensor([layers[0]["nc1"], layers[0]["nc2_w"], layers[0]["nc2_h"], layers[-1]["nc3_wh"],
+                                     layers[0]["nc3"]], dtype=torch.float64)
+
+            variants = {OFFICIAL: lambda m=official, s=s_array, d=depth: _nc_official_metrics(
+                script, m, Y, labels, s, c.feature_decay, d), "ours": ours_metrics}
+            with torch.no_grad():
+                diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            yield Row(f"{preset}: NC metrics of one iterate (ours measures each of the M layers, the official "
+                      f"NC1 of H only), {size}", len(labels), variants, diffs,
+                      goal="ours >= official, the official numbers within 1e-5")
+
+
+# --- R-AMT ------------------------------------------------------------------------------------------------------------
+
+_RAMT_MASKED_OUT = 0.0256  # the share of masked weights R-AMT removes (the paper's mean over 11 datasets)
+_RAMT_BATCH = {"tiny": 32, "vit-b16": 2}  # the paper's batch of 32; 2 images of 224 px keep a CPU run short
+
+
+def _ramt_import(repository: Path):
+    """The official `MaskVisionTransformer` (code/modules/visiontransformer.py, its masked layers in
+    modules/masklayers.py) and `RegLoss` (code/loss/reg_loss.py): torch only. The clone's `clip/__init__.py`
+    imports its loader and tokenizer (torchvision, PIL, ftfy, the weight download), which the encoder does not use:
+    `clip` is a bare package over the clone's folder while they import, so that only `clip.model` (LayerNorm,
+    QuickGELU) runs."""
+    root = repository / "code"
+    if not (root / "modules" / "masklayers.py").is_file():
+        raise FileNotFoundError(f"{root / 'modules' / 'masklayers.py'} does not exist: pass the root of a clone of "
+                                "wuw2019/R-AMT")
+    _bare_package("clip", root / "clip")
+    try:
+        encoder = import_official(repository, "code", "modules.visiontransformer").MaskVisionTransformer
+        reg_loss = import_official(repository, "code", "loss.reg_loss").RegLoss
+    finally:
+        for name in [n for n in sys.modules if n == "clip" or n.startswith("clip.")]:
+            del sys.modules[name]  # the bare package goes again: it is not the real clip
+    return encoder, reg_loss
+
+
+def _ramt_masked_pairs(official, vision) -> list[tuple]:
+    """(our MaskedLayer, the official module holding the same weight, its weight and bias attributes, the rows of
+    them it holds) for every mask: the official attention stacks q, k, v in one `in_proj_weight` with one mask."""
+    pairs = [(vision.embeddings.patch_embedding, official.conv1, "weight", "bias", slice(None))]
+    for block, layer in zip(official.transformer.resblocks, vision.encoder.layers, strict=True):
+        width = block.attn.embed_dim
+        pairs += [(getattr(layer.self_attn, f"{p}_proj"), block.attn, "in_proj_weight", "in_proj_bias",
+                   slice(i * width, (i + 1) * width)) for i, p in enumerate("qkv")]
+        pairs.append((layer.self_attn.out_proj, block.attn.out_proj, "weight", "bias", slice(None)))
+    return pairs
+
+
+@torch.no_grad()
+def _ramt_load_official(official, clip) -> None:
+    """Our CLIP image encoder's weights and masks into the official one, as the official `MASKCLIP.make_model`
+    copies OpenAI CLIP's (its masked layers hold their weights as plain tensors, outside the state dict)."""
+    vision = clip.vision_model
+    for ours, theirs, weight, bias, rows in _ramt_masked_pairs(official, vision):
+        getattr(theirs, weight)[rows] = ours.base_layer.weight
+        if ours.base_layer.bias is not None:
+            getattr(theirs, bias)[rows] = ours.base_layer.bias
+        theirs.mask_real[rows] = ours.mask_real
+    official.class_embedding.copy_(vision.embeddings.class_embedding)
+    official.positional_embedding.copy_(vision.embeddings.position_embedding.weight)
+    official.proj.copy_(clip.visual_projection.weight.T)
+    modules = [(official.ln_pre, vision.pre_layrnorm), (official.ln_post, vision.post_layernorm)]
+    for block, layer in zip(official.transformer.resblocks, vision.encoder.layers, strict=True):
+        modules += [(block.ln_1, layer.layer_norm1), (block.ln_2, layer.layer_norm2), (block.mlp.c_fc, layer.mlp.fc1),
+                    (block.mlp.c_proj, layer.mlp.fc2)]
+    for theirs, ours in modules:
+        theirs.load_state_dict(ours.state_dict())
+
+
+@official_adapter("r-amt")
+def r_amt_rows(repository: Path, args) -> Iterator[Row]:
+    """CLIP's image encoder with R-AMT's masks (the official `MASK` config: q, k, v, out_proj of every block and the
+    patch embedding, threshold 5e-3): the official `MaskVisionTransformer` against ours (`MaskTunedCLIP`), with our
+    random CLIP weights copied into the official encoder (no OpenAI weights here; the same shapes, the MLP 4 x wide
+    as in CLIP and the official block) and the same
+    masks, 2.56 % of each weight masked out at random. (1) Forward (eval, inference_mode) to the projected image
+    embedding: official, ours, and our `merge()`d copy (masks folded into the weights: a plain CLIP). (2) A mask-
+    tuning step in train mode (the straight-through binariser): the zero-shot logits against random unit class
+    embeddings (the official `MASKCLIP.forward`, transcribed: it lives in trainers/masktuning.py, which needs dassl),
+    cross-entropy + 1e-4 sum ||M_real||_2 (official `RegLoss`), backward to the masks, Adam (lr 8e-5); the
+    difference column: the largest difference of the mask gradients of one step. R-AMT's teacher forward and
+    gradient dropout are methods of the dassl trainer and are not in the step."""
+    from hfpapers.methods.r_amt.adapters import MaskTunedCLIP
+
+    official_encoder, reg_loss = _ramt_import(repository)
+    for preset in presets_for("r-amt", args, ("tiny",)):
+        values = hfpapers.get_method("r-amt").presets[preset].config
+        vision = values["base"]["vision_config"]
+        # the official block's MLP is 4 x wide (CLIP's); the tiny preset's 2 x becomes 4 x here
+        base = {**values["base"], "vision_config": {**vision, "intermediate_size": 4 * vision["hidden_size"]}}
+        torch.manual_seed(0)
+        ours = MaskTunedCLIP.from_configs(base, values["adapter"])
+        clip, adapter = ours.base_model, ours.mask_config
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in ours.masked_layers().values():
+                kept = torch.rand(layer.mask_real.shape, generator=generator) >= _RAMT_MASKED_OUT
+                layer.mask_real.copy_(kept * adapter.mask_scale)
+        c = clip.config.vision_config
+        official = official_encoder(c.image_size, c.patch_size, c.hidden_size, c.num_hidden_layers,
+                                    c.num_attention_heads, clip.config.projection_dim, mask_init="1s",
+                                    mask_scale=adapter.mask_scale, threshold=adapter.threshold, mask_mlp=False)
+        _ramt_load_official(official, clip)
+        official.eval(), ours.eval()
+        merged = copy.deepcopy(ours).merge()
+        batch = args.batch_size or _RAMT_BATCH.get(preset, 32)
+        x = torch.randn(batch, 3, c.image_size, c.image_size, generator=generator)
+        variants = {OFFICIAL: lambda: official(x),
+                    "ours": lambda: clip.get_image_features(pixel_values=x).pooler_output,
+                    "ours merged": lambda: merged.get_image_features(pixel_values=x).pooler_output}
+        with torch.inference_mode():
+            diffs = max_abs_diff({name: fn() for name, fn in variants.items()})
+            flops = count_flops(lambda: clip.get_image_features(pixel_values=x))
+        size = f"{c.image_size}px, patches of {c.patch_size}, {c.num_hidden_layers} x {c.hidden_size}"
+        yield Row(f"{preset} masked image encoder forward, {size}, batch {batch}", batch, variants, diffs, flops,
+                  goal="ours >= official; merged = plain CLIP")
+
+        # The mask-tuning step, from the same weights and masks (only the masks train, as MaskTuning.build_model).
+        official.train(), ours.train()
+        for name, param in official.named_parameters():
+            param.requires_grad_("mask_real" in name)
+        classes = F.normalize(torch.randn(10, clip.config.projection_dim, generator=generator), dim=-1)
+        labels = torch.randint(10, (batch,), generator=generator)
+        ours.class_embeddings = classes
+        scale = clip.logit_scale.detach()
+
+        def official_loss():
+            features = official(x)
+            features = features / features.norm(dim=-1, keepdim=True)
+            loss = F.cross_entropy(scale.exp() * features @ classes.t(), labels)
+            return loss + 1e-4 * sum(reg_loss(p, 2) for n, p in official.named_parameters() if "mask_real" in n)
+
+        def ours_loss():
+            return F.cross_entropy(ours(pixel_values=x).logits, labels) + 1e-4 * ours.mask_penalty()
+
+        def step(loss, optimizer):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+
+        official_loss().backward()
+        step_flops = count_flops(lambda: ours_loss().backward())  # the backward reaches the masks, not the MLP
+        diff = max((ours_layer.mask_real.grad - theirs.mask_real.grad[rows]).abs().max().item()
+                   for ours_layer, theirs, *_, rows in _ramt_masked_pairs(official, clip.vision_model))
+        optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=8e-5)
+                      for m in (official, ours)]
+        steps = {OFFICIAL: lambda: step(official_loss, optimizers[0]), "ours": lambda: step(ours_loss, optimizers[1])}
+        yield Row(f"{preset} mask-tuning train step (CE + mask L2, Adam), {size}, batch {batch}", batch, steps,
+                  {"ours": diff}, step_flops, goal="ours >= official")
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
