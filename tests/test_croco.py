@@ -294,13 +294,56 @@ def test_single_view_arm_sees_nothing_of_the_reference(model):
     torch.testing.assert_close(memory, memory[:1].expand_as(memory), atol=1e-5, rtol=0)  # float rounding only
 
 
-def test_seeded_small_reproduction_cross_view_completion_beats_single_view(tmp_path):
-    """evaluation/reproduce/croco.py in miniature: 16 steps each, same masks; the second view clearly helps
-    (measured: 0.74 vs 0.97 normalised-patch loss)."""
+@pytest.fixture(scope="module")
+def small_reproduction(tmp_path_factory):
+    """evaluation/reproduce/croco.py in miniature: both arms pre-trained for 16 steps each, same masks."""
     from hfpapers.data import load
     from hfpapers.methods.croco.experiments import pretrain_arms
 
     pairs = load("view_pairs", resolution=32, num_train=256, num_test=32, seed=1)
-    arms = pretrain_arms(pairs, TINY, tmp_path, seed=0, num_epochs=1, per_device_train_batch_size=16,
-                         learning_rate=2e-3, weight_decay=0.05)
+    arms = pretrain_arms(pairs, TINY, tmp_path_factory.mktemp("croco-arms"), seed=0, num_epochs=1,
+                         per_device_train_batch_size=16, learning_rate=2e-3, weight_decay=0.05)
+    return pairs, arms
+
+
+def test_seeded_small_reproduction_cross_view_completion_beats_single_view(small_reproduction):
+    """The second view clearly helps (measured: 0.74 vs 0.97 normalised-patch loss)."""
+    _, arms = small_reproduction
     assert arms["croco"]["loss"][-1] < 0.85 * arms["mae"]["loss"][-1]
+
+
+def test_loss_by_displacement_against_a_loop_over_patches(small_reproduction):
+    from hfpapers.methods.croco.experiments import loss_by_displacement
+    from hfpapers.methods.croco.recipe import build_image_processor
+
+    pairs, arms = small_reproduction
+    folders = {arm: arms[arm]["folder"] for arm in ("croco", "mae")}
+    got = loss_by_displacement(pairs, folders, bins=3)
+    test = pairs["test"]
+    for arm, folder in folders.items():
+        model = CroCoForPretraining.from_pretrained(folder).eval()
+        processor = build_image_processor(model.config)
+        image = torch.as_tensor(processor([im.convert("RGB") for im in test["image"]], return_tensors="np")[
+            "pixel_values"])
+        reference = torch.as_tensor(processor([im.convert("RGB") for im in test["reference"]], return_tensors="np")[
+            "pixel_values"])
+        with torch.no_grad():
+            out = model(pixel_values=image, reference_pixel_values=torch.zeros_like(reference) if arm == "mae"
+                        else reference)
+        sums, counts = [0.0] * 3, [0] * 3
+        for i in range(len(test)):
+            flow = np.array(test[i]["flow"])
+            for j in torch.nonzero(out.mask[i]).flatten().tolist():
+                row, col = divmod(j, 8)  # 32 px in patches of 4
+                block = flow[:, 4 * row:4 * row + 4, 4 * col:4 * col + 4]
+                displacement = math.hypot(block[0].mean(), block[1].mean())
+                values = [float(image[i, c, 4 * row + y, 4 * col + x]) for y in range(4) for x in range(4)
+                          for c in range(3)]  # (row, column, channel) order, as the prediction head
+                mean = sum(values) / 48
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / 47 + 1e-6)
+                error = sum((float(p) - (v - mean) / std) ** 2 for p, v in zip(out.logits[i, j], values)) / 48
+                which = sum(displacement > edge for edge in got["edges"][1:-1])
+                sums[which] += error
+                counts[which] += 1
+        assert min(counts) > 0 and abs(max(counts) - min(counts)) <= 1 + len(test) // 10  # quantile bins
+        assert got[arm] == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-4)

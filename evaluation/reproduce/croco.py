@@ -62,7 +62,7 @@ PRETRAIN_LR = 1e-3
 
 def reproduce(args: argparse.Namespace, output_dir: Path) -> Table:
     from hfpapers.data import load
-    from hfpapers.methods.croco.experiments import depth_arms, pretrain_arms
+    from hfpapers.methods.croco.experiments import depth_arms, loss_by_displacement, pretrain_arms
 
     datasets = load("view_pairs", resolution=32, num_train=args.num_train, num_test=args.num_test)
     # pretrain.py's schedule: linear warm-up for a tenth of the run (40 of its 400 epochs), then cosine
@@ -83,13 +83,17 @@ def reproduce(args: argparse.Namespace, output_dir: Path) -> Table:
         if len(scratch) > 1:
             heads.update(depth_arms(datasets, CONFIG, {scratch[1]: None}, folder, seed=seed,
                                     **{**depth, "learning_rate": args.scratch_lr}))
+        by_displacement = loss_by_displacement(datasets, {arm: arms[arm]["folder"] for arm in ("croco", "mae")})
         croco_loss, mae_loss = arms["croco"]["loss"][-1], arms["mae"]["loss"][-1]
         from_croco = heads["croco"]["depth_mse"]
         claim1 = croco_loss < 0.8 * mae_loss
         claim2 = all(all(c < s for c, s in zip(from_croco[:3], heads[arm]["depth_mse"][:3]))
                      and from_croco[-1] < heads[arm]["depth_mse"][-1] for arm in scratch)
-        runs.append({"seed": seed, "pretrain": arms, "depth": heads, "claim1": claim1, "claim2": claim2})
+        runs.append({"seed": seed, "pretrain": arms, "depth": heads, "claim1": claim1, "claim2": claim2,
+                     "loss_by_displacement": by_displacement})
         rows.append([seed, f"{croco_loss:.4f}", f"{mae_loss:.4f}", f"{croco_loss / mae_loss:.3f}",
+                     " / ".join(f"{c / m:.2f}" for c, m in zip(by_displacement["croco"], by_displacement["mae"]))
+                     + " (" + "-".join(f"{edge:.1f}" for edge in by_displacement["edges"]) + " px)",
                      " / ".join(f"{v:.3f}" for v in from_croco),
                      " / ".join(f"{v:.3f}" for v in heads["mae"]["depth_mse"]),
                      *(" / ".join(f"{v:.3f}" for v in heads[arm]["depth_mse"]) for arm in scratch),
@@ -100,13 +104,16 @@ def reproduce(args: argparse.Namespace, output_dir: Path) -> Table:
     return Table(
         f"Cross-view completion vs single-view MAE ({args.pretrain_epochs} epochs on {args.num_train} pairs), then the "
         f"relative-depth head ({args.depth_epochs} epochs at lr {args.depth_lr:g}) from each",
-        ["seed", "CroCo masked-patch loss", "MAE loss", "ratio", "depth MSE per epoch from CroCo",
+        ["seed", "CroCo masked-patch loss", "MAE loss", "ratio",
+         "ratio by displacement quartile (edges)", "depth MSE per epoch from CroCo",
          "from MAE", "from scratch",
          *([f"from scratch at lr {args.scratch_lr:g}"] if len(scratch) > 1 else []),
          "final ordinal acc. CroCo / MAE / scratch" + (" / scratch at lr" if len(scratch) > 1 else ""),
          "claim 1 (< 0.8x)", "claim 2 (faster)"], rows,
         "Eval losses on the held-out pairs with one seeded mask (the same for every pair); depth MSE against per-image "
-        "standardised depth (1.0 = predicting a constant). Curves: croco.png; every number: runs.json.")
+        "standardised depth (1.0 = predicting a constant). Displacement: how far each masked patch's content "
+        "moves into view 2 (the ground-truth flow averaged over the patch); the ratio of the two arms' losses in "
+        "each quartile of it. Curves: croco.png; every number: runs.json.")
 
 
 def _plot(runs, path: Path) -> None:

@@ -91,8 +91,8 @@ __getattr__ = lazy_exports(__name__, {
     "configuration_croco": ("CroCoConfig",),
     "modeling_croco": ("CroCoModel", "CroCoForPretraining", "CroCoForDepthEstimation", "CroCoPreTrainedModel",
                        "CroCoModelOutput", "CroCoForPretrainingOutput", "RotaryEmbedding2D", "grid_positions",
-                       "normalized_patch_mse", "patchify", "random_mask", "sincos_position_embedding",
+                       "normalized_patch_mse", "patch_errors", "patchify", "random_mask", "sincos_position_embedding",
                        "standardize_depth", "unpatchify"),
     "pipeline_croco": ("CrossViewCompletionPipeline", "save_completion"),
-    "experiments": ("SingleViewRecipe", "depth_arms", "pretrain_arms"),
+    "experiments": ("SingleViewRecipe", "depth_arms", "loss_by_displacement", "pretrain_arms"),
 })

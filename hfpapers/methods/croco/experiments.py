@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...engine import METRICS_FILE, TrainingArguments, fit
 from .configuration_croco import CroCoConfig
-from .modeling_croco import CroCoForDepthEstimation, CroCoForPretraining
+from .modeling_croco import CroCoForDepthEstimation, CroCoForPretraining, patch_errors, patchify
 from .recipe import CroCoDepthRecipe, CroCoRecipe, build_image_processor
 
 
@@ -78,4 +79,35 @@ def depth_arms(datasets, config: dict, initialisations: dict, output_dir: Path, 
     return out
 
 
-__all__ = ["SingleViewRecipe", "depth_arms", "pretrain_arms"]
+def loss_by_displacement(datasets, folders: dict, bins: int = 4) -> dict:
+    """Where the second view helps: the eval masked-patch loss of each pre-trained arm (name -> folder; "mae" gets
+    the blank reference) on the test pairs, split by how far each masked patch of view 1 lies from its content in
+    view 2 (the length of the ground-truth flow averaged over the patch's pixels) into `bins` quantile bins. Every
+    arm sees the same seeded eval mask. Returns {"edges": bin edges in pixels, arm: mean loss per bin}."""
+    test = datasets["test"]
+    out, mask = {}, None
+    for arm, folder in folders.items():
+        model = CroCoForPretraining.from_pretrained(folder).eval()
+        p = model.config.patch_size
+        batch = (SingleViewRecipe if arm == "mae" else CroCoRecipe)().prepare_dataset(
+            test, build_image_processor(model.config)).tensors
+        batch = _blank_reference(batch) if arm == "mae" else batch
+        with torch.no_grad():
+            result = model(**batch)
+        errors = patch_errors(result.logits, patchify(batch["pixel_values"], p), model.config.norm_pix_loss)
+        if mask is None:
+            mask = result.mask
+            flow = torch.as_tensor(np.stack(test["flow"]), dtype=torch.float32)  # (pairs, 2, H, W)
+            grid = (flow.shape[2] // p, flow.shape[3] // p)
+            patch_flow = flow.reshape(len(flow), 2, grid[0], p, grid[1], p).mean((3, 5)).flatten(2)
+            displacement = patch_flow.norm(dim=1)[mask]
+            edges = torch.quantile(displacement, torch.linspace(0, 1, bins + 1))
+            which = torch.bucketize(displacement, edges[1:-1])
+            out["edges"] = edges.tolist()
+        assert torch.equal(result.mask, mask), "the eval mask is seeded: every arm must see the same"
+        errors = errors[mask]
+        out[arm] = [errors[which == b].mean().item() for b in range(bins)]
+    return out
+
+
+__all__ = ["SingleViewRecipe", "depth_arms", "loss_by_displacement", "pretrain_arms"]

@@ -203,14 +203,19 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, height, width)
 
 
-def normalized_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                         norm_pix: bool = True) -> torch.Tensor:
-    """The pre-training loss: each target patch standardised by its own mean and (unbiased) variance + 1e-6, the
-    squared error averaged per patch, then over the masked patches only."""
+def patch_errors(prediction: torch.Tensor, target: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """(batch, patches) squared error of each predicted patch, averaged over its values; with `norm_pix` each
+    target patch is first standardised by its own mean and (unbiased) variance + 1e-6."""
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    per_patch = (prediction - target).pow(2).mean(-1)
-    return (per_patch * mask).sum() / mask.sum()
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16 logits (autocast) in fp32, fp64 kept
+    return (prediction.to(dtype) - target.to(dtype)).pow(2).mean(-1)
+
+
+def normalized_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                         norm_pix: bool = True) -> torch.Tensor:
+    """The pre-training loss: `patch_errors` averaged over the masked patches only."""
+    return (patch_errors(prediction, target, norm_pix) * mask).sum() / mask.sum()
 
 
 def random_mask(batch: int, num_patches: int, num_masked: int, generator: torch.Generator | None = None,
@@ -469,5 +474,5 @@ def standardize_depth(depth: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["CroCoModel", "CroCoForPretraining", "CroCoForDepthEstimation", "CroCoPreTrainedModel",
            "CroCoModelOutput", "CroCoForPretrainingOutput", "RotaryEmbedding2D", "grid_positions",
-           "normalized_patch_mse",
+           "normalized_patch_mse", "patch_errors",
            "patchify", "random_mask", "sincos_position_embedding", "standardize_depth", "unpatchify"]

@@ -35,10 +35,9 @@ def _pixels(processor, images) -> torch.Tensor:
 
 def per_pair_masked_loss(logits, target, mask, norm_pix: bool = True) -> torch.Tensor:
     """(batch,) normalised-patch MSE over each pair's masked patches (what the model's loss averages)."""
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    per_patch = (logits.float() - target.float()).pow(2).mean(-1)
-    return (per_patch * mask).sum(1) / mask.sum(1)
+    from .modeling_croco import patch_errors
+
+    return (patch_errors(logits, target, norm_pix) * mask).sum(1) / mask.sum(1)
 
 
 @dataclass
