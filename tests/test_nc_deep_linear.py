@@ -124,6 +124,21 @@ def test_ufm_collapses_to_the_predicted_frames(imbalanced_m1):
     assert ortho_on_imbalanced["nc2_w"] > 0.05 and etf_on_mse["nc2_w"] > 0.3
 
 
+@pytest.mark.parametrize("preset", ["ufm-balanced", "ufm-imbalanced-M1", "ufm-imbalanced-M3", "ufm-imbalanced-M6",
+                                    "ufm-imbalanced-M9"])
+def test_paper_presets_do_not_diverge(preset):
+    """The official lr 0.1 and init N(0, 0.1^2) diverge within 6 iterations at d = 2048 for M >= 3: every paper
+    preset must start to converge (its first 20 iterations, where a divergence shows, lower the objective)."""
+    import hfpapers
+
+    config = NcDeepLinearConfig(**hfpapers.get_method("nc-deep-linear").preset(preset))
+    for depth in config.depths:
+        objectives = [solve_ufm(config.imbalanced_counts, hidden=config.hidden, depth=depth, num_iterations=n,
+                                learning_rate=config.learning_rate, init_std=config.init_std).objective
+                      for n in (1, 20)]
+        assert objectives[1] < objectives[0]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="each with at least one sample"):
         NcDeepLinearConfig(imbalanced_counts=(3, 0))

@@ -15,7 +15,8 @@ class NcDeepLinearConfig:
     """Defaults are the official synthetic scripts' (`synthetic_experiment_balanced.py` /
     `synthetic_experiment_imbalanced.py`: SGD lr 0.1 momentum 0.9, full batch, H and every W_m drawn from
     N(0, 0.1^2), lambda_W = lambda_H = 5e-4, 30,000 iterations, seed 2, class counts [100]*4 and [200, 100, 50, 50]);
-    the README's imbalanced runs use d = 2048 and depth in {1, 3, 6, 9}. The record's presets set the rest."""
+    the README's imbalanced runs use depth in {1, 3, 6, 9} and d = 2048, which only M = 1 survives at lr 0.1. The
+    record's presets set the rest."""
 
     # (a) The given classifier: NC metrics of the features entering its head (and its trailing linear layers),
     # on the first `num_examples` examples of `split` (neural collapse is a training-data phenomenon).
