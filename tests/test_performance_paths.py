@@ -212,3 +212,19 @@ def test_layerdiffusion_decoder_bf16_path_stays_within_1e2_of_fp32():
                       "up_blocks.5.resnets.0.conv1": torch.float32, "conv_out": torch.float32}
     assert got.dtype == torch.float32
     assert_close_to_fp32(got, expected)
+
+
+def test_every_method_with_official_code_has_a_side_by_side_adapter(monkeypatch):
+    """A paper that lands with a repository of official code also lands its side-by-side comparison."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "evaluation" / "benchmarks" / "side_by_side.py"
+    spec = importlib.util.spec_from_file_location("side_by_side", path)
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "side_by_side", harness)  # its dataclasses look their module up there
+    spec.loader.exec_module(harness)
+    with_code = {r.slug for r in hfpapers.list_methods() if r.official_code.startswith(harness.CODE_HOSTS)}
+    assert len(with_code) >= 11
+    assert with_code - set(harness.ADAPTERS) == set()
