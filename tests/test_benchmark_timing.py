@@ -101,9 +101,16 @@ def test_interleaved_calls_alternate_and_medians_are_per_function(clock):
 
 @pytest.mark.skipif(benchmark.resource is None, reason="no resource module (Windows)")
 def test_interleaved_page_faults_count_fresh_memory():
-    size = 64 * 2**20  # above glibc's largest mmap threshold: every allocation is fresh pages, zeroed by bytearray
-    medians = benchmark.interleaved_medians({"alloc": lambda: bytearray(size), "noop": lambda: None},
-                                            warmup=1, repeats=3)
+    import mmap
+
+    size = 64 * 2**20
+
+    def touch_fresh_pages():  # anonymous pages from the kernel, each written once: a fault per page (or per huge
+        with mmap.mmap(-1, size) as memory:  # page); malloc could hand back pages a long-lived process already has
+            for offset in range(0, size, mmap.PAGESIZE):
+                memory[offset] = 1
+
+    medians = benchmark.interleaved_medians({"alloc": touch_fresh_pages, "noop": lambda: None}, warmup=1, repeats=3)
     # at least one fault per 2 MiB (transparent huge pages fault in that much at once; 4 KiB pages give 16,384)
     assert medians["alloc"].page_faults >= size // 2**21 > medians["noop"].page_faults
 
