@@ -89,8 +89,7 @@ def loss_by_displacement(datasets, folders: dict, bins: int = 4) -> dict:
     for arm, folder in folders.items():
         model = CroCoForPretraining.from_pretrained(folder).eval()
         p = model.config.patch_size
-        batch = (SingleViewRecipe if arm == "mae" else CroCoRecipe)().prepare_dataset(
-            test, build_image_processor(model.config)).tensors
+        batch = CroCoRecipe().prepare_dataset(test, build_image_processor(model.config)).tensors
         batch = _blank_reference(batch) if arm == "mae" else batch
         with torch.no_grad():
             result = model(**batch)
